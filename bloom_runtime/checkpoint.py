@@ -1,0 +1,162 @@
+"""Read BLOOM checkpoints in every layout Hugging Face publishes, and make random ones.
+
+Layouts: `model.safetensors`; `model-*.safetensors` + `model.safetensors.index.json`;
+`pytorch_model.bin`; `pytorch_model-*.bin` + `pytorch_model.bin.index.json`.
+Tensor names may carry the `transformer.` prefix; `lm_head.weight` is the tied
+embedding and is skipped.
+
+Tensors are read one at a time from memory-mapped files and cast straight to
+the target dtype and device, so peak memory is the model plus one tensor.
+Pickled `.bin` files are opened with `weights_only=True` only.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import BloomConfig
+from .errors import CheckpointError
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+_PREFIX = "transformer."
+_TIED = "lm_head.weight"
+
+
+def parameter_shapes(config: BloomConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a BLOOM checkpoint must hold, by canonical name, with its shape."""
+    h, v = config.hidden_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "word_embeddings.weight": (v, h),
+        "word_embeddings_layernorm.weight": (h,),
+        "word_embeddings_layernorm.bias": (h,),
+    }
+    linears = {
+        "self_attention.query_key_value": (3 * h, h),
+        "self_attention.dense": (h, h),
+        "mlp.dense_h_to_4h": (4 * h, h),
+        "mlp.dense_4h_to_h": (h, 4 * h),
+    }
+    for i in range(config.n_layer):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes[f"h.{i}.{norm}.weight"] = (h,)
+            shapes[f"h.{i}.{norm}.bias"] = (h,)
+        for name, (out_f, in_f) in linears.items():
+            shapes[f"h.{i}.{name}.weight"] = (out_f, in_f)
+            shapes[f"h.{i}.{name}.bias"] = (out_f,)
+    shapes["ln_f.weight"] = (h,)
+    shapes["ln_f.bias"] = (h,)
+    return shapes
+
+
+def canonical_name(name: str) -> str:
+    return name.removeprefix(_PREFIX)
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a Hugging Face checkpoint directory, in load order."""
+    for index_name, single in ((SAFETENSORS_INDEX, SAFETENSORS), (PICKLE_INDEX, PICKLE)):
+        index = directory / index_name
+        if index.is_file():
+            return _files_from_index(index)
+        if (directory / single).is_file():
+            return [directory / single]
+    raise CheckpointError(
+        f"{directory}: no weights found; expected {SAFETENSORS}, {SAFETENSORS_INDEX}, "
+        f"{PICKLE} or {PICKLE_INDEX}"
+    )
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: not a valid index with a 'weight_map' ({err!r})") from None
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        if not (index.parent / name).is_file():
+            raise CheckpointError(f"{index}: lists shard {name!r}, which is missing")
+    return [index.parent / name for name in files]
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of one weight file, read lazily from a memory map."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: unreadable or truncated safetensors ({err})") from None
+        return
+    try:
+        # Only the zip format can be memory-mapped; legacy pickles are read whole.
+        state = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
+    except Exception as err:  # the unpickler raises many types for a corrupt file
+        raise CheckpointError(f"{path}: unreadable or truncated ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    yield from state.items()
+
+
+def validate_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...], path: Path) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise CheckpointError(f"{path}: {name} is a {type(tensor).__name__}, not a tensor")
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{path}: {name} has dtype {tensor.dtype}, expected a float dtype")
+    if not torch.isfinite(tensor).all():
+        raise CheckpointError(f"{path}: {name} contains NaN or inf")
+
+
+def load_float_state(
+    directory: Path, config: BloomConfig, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """All network tensors of a float checkpoint, validated and cast to `dtype` on `device`."""
+    expected = parameter_shapes(config)
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory):
+        for raw_name, tensor in iter_tensors(path):
+            name = canonical_name(raw_name)
+            if raw_name == _TIED or name not in expected:
+                continue  # the tied head, or buffers older exports carry
+            validate_tensor(name, tensor, expected[name], path)
+            state[name] = tensor.to(device=device, dtype=dtype)
+    missing = [name for name in expected if name not in state]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"{directory}: tensor {missing[0]!r}{more} missing from the checkpoint")
+    return state
+
+
+def random_state(
+    config: BloomConfig, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Seeded random weights in BLOOM's initialisation (N(0, 0.02) matrices, unit norms).
+
+    Filled in place in the target dtype, so random:bloom-7b1 in bfloat16 needs
+    its 14 GB and no float32 copy.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for name, shape in parameter_shapes(config).items():
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        if len(shape) == 2:
+            tensor.normal_(0.0, 0.02, generator=generator)
+        elif name.endswith(".weight"):  # the 1-D weights are layer-norm gains
+            tensor.fill_(1.0)
+        else:
+            tensor.zero_()
+        state[name] = tensor
+    return state

@@ -1,0 +1,94 @@
+"""`bloom-runtime` / `python -m bloom_runtime`: the command line.
+
+Each subcommand is a small function over the public API. A user's mistake
+(a `BloomRuntimeError`) is printed on one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .config import BloomConfig
+from .engine import DTYPES, ModelSource, load
+from .errors import BloomRuntimeError
+
+BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny",
+                        help="'tiny' (embedded, default), a checkpoint directory, or random:<preset>")
+
+
+def _runtime_args(parser: argparse.ArgumentParser) -> None:
+    _model_args(parser)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda[:i] or npu[:i]")
+    parser.add_argument("--quant", default=None, choices=["w8a8", "w8a8-static", "w8a16"])
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    engine = load(args.model, dtype=args.dtype, device=args.device, quant=args.quant)
+    texts = engine.generate_text(
+        args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )  # fmt: skip
+    for prompt, text in zip(args.prompt, texts):
+        print(prompt + text)
+
+
+def describe(config: BloomConfig) -> list[tuple[str, str]]:
+    """(field, value) rows that `info` prints: the shape, size, and bytes per dtype."""
+    params = config.num_parameters()
+    rows = [
+        ("vocab_size", str(config.vocab_size)),
+        ("hidden_size", str(config.hidden_size)),
+        ("n_layer", str(config.n_layer)),
+        ("n_head", str(config.n_head)),
+        ("head_dim", str(config.head_dim)),
+        ("post_layernorm_residual", str(config.apply_residual_connection_post_layernorm)),
+        ("parameters", f"{params:,} ({params / 1e9:.3f} B)"),
+    ]
+    rows += [(f"bytes[{name}]", f"{params * size:,} ({params * size / 2**30:.2f} GiB)")
+             for name, size in BYTES_PER_ELEMENT.items()]
+    return rows
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    source = ModelSource.resolve(args.model)
+    print(f"model: {source.name}")
+    for field, value in describe(source.config):
+        print(f"{field:>24}: {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bloom-runtime", description="BLOOM inference runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="continue one or more prompts")
+    _runtime_args(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("prompt", nargs="+")
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="shape, parameter count and size of a model")
+    _model_args(info)
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except BloomRuntimeError as err:
+        print(f"bloom-runtime: error: {err}", file=sys.stderr)
+        return 2
+    return 0

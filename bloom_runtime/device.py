@@ -1,0 +1,54 @@
+"""The one place that knows about device kinds: cpu, cuda and Ascend npu.
+
+NPU support comes from `torch_npu`, imported only when an npu device is asked
+for; it registers `torch.npu` and the "npu" device type with PyTorch. Nothing
+else in the package names a device kind.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .errors import InputError
+
+KINDS = ("cpu", "cuda", "npu")
+
+
+def resolve(name: str | torch.device) -> torch.device:
+    """Turn "cpu", "cuda", "cuda:1", "npu:0" into a usable `torch.device`, or explain why not."""
+    text = str(name)
+    kind = text.split(":", 1)[0]
+    if kind not in KINDS:
+        raise InputError(f"device {text!r}: expected one of cpu, cuda[:i], npu[:i]")
+    if kind == "npu":
+        _import_torch_npu()
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise InputError(f"device {text!r}: {err}") from None
+    if kind != "cpu":
+        backend = getattr(torch, kind)
+        if not backend.is_available():
+            raise InputError(f"device {text!r}: no {kind} device is available on this machine")
+        if device.index is not None and device.index >= backend.device_count():
+            raise InputError(
+                f"device {text!r}: only {backend.device_count()} {kind} device(s) present"
+            )
+    return device
+
+
+def _import_torch_npu() -> None:
+    try:
+        importlib.import_module("torch_npu")
+    except ImportError as err:
+        raise InputError(
+            f"device npu needs the torch_npu package (pip install '.[npu]'): {err}"
+        ) from None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so host timers measure finished work."""
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize(device)

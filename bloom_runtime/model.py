@@ -1,0 +1,160 @@
+"""The BLOOM network in plain PyTorch.
+
+Module and parameter names follow the Hugging Face checkpoints without the
+`transformer.` prefix (`h.0.self_attention.query_key_value.weight`, …), so a
+checkpoint's state dict loads with `load_state_dict` and nothing is renamed.
+
+Numerics follow `transformers`' `modeling_bloom.py`: ALiBi with the interleaved
+extra slopes for head counts that are not a power of two, positions taken from
+the attention mask so left padding changes nothing, softmax in float32. One
+attention bias (ALiBi + causal + padding) is built per forward and shared by
+all layers; attention itself is `scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BloomConfig
+from .kv_cache import KVCache
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi slopes for `n_head` heads (Press et al.; BLOOM's variant for any head count).
+
+    The first 2^k heads (2^k the largest power of two <= n_head) get the geometric
+    series 2^(-8i/2^k); the remaining heads take every other slope of the series
+    for 2^(k+1) heads.
+    """
+    closest = 2 ** math.floor(math.log2(n_head))
+    slopes = [2.0 ** (-8.0 * i / closest) for i in range(1, closest + 1)]
+    extra = n_head - closest
+    slopes += [2.0 ** (-8.0 * i / (2 * closest)) for i in range(1, 2 * extra, 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def attention_bias(
+    slopes: torch.Tensor, mask: torch.Tensor, start: int, q_len: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The additive attention bias [B, H, q_len, T] for queries at `start:start+q_len`.
+
+    `mask` is [B, T] (1 = token, 0 = left padding), T = start + q_len. ALiBi is
+    taken relative to the query position: softmax is shift invariant, so this
+    equals BLOOM's absolute form, and its small magnitudes survive bfloat16.
+    Disallowed entries get the most negative finite value, so a row with nothing
+    to attend to (a padding query) stays finite instead of turning to NaN.
+    """
+    positions = ((mask.cumsum(-1) - 1) * mask).to(torch.float32)  # [B, T]
+    q_pos = positions[:, start : start + q_len]
+    relative = positions[:, None, None, :] - q_pos[:, None, :, None]  # [B, 1, q, T]
+    bias = slopes.to(mask.device)[None, :, None, None] * relative  # [B, H, q, T]
+    total = mask.shape[1]
+    causal = torch.ones(q_len, total, dtype=torch.bool, device=mask.device).tril(start)
+    allowed = causal[None, None] & mask[:, None, None, :].bool()
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min).to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BloomConfig) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.head_dim = config.head_dim
+        self.n_head = config.n_head  # heads on this rank; parallel.py divides it
+        self.query_key_value = nn.Linear(h, 3 * h)
+        self.dense = nn.Linear(h, h)
+
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor, cache: KVCache | None, layer: int, start: int
+    ) -> torch.Tensor:
+        batch, q_len, _ = x.shape
+        # Hugging Face lays the fused projection out per head as [n_head, 3, head_dim].
+        qkv = self.query_key_value(x).view(batch, q_len, self.n_head, 3, self.head_dim)
+        q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))  # [B, H, S, D]
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)
+        if q.dtype == torch.float16:
+            # float16 q.k overflows on long inputs: score and softmax in float32.
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
+            out = out.to(torch.float16)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.dense(out.transpose(1, 2).reshape(batch, q_len, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: BloomConfig) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.dense_h_to_4h = nn.Linear(h, 4 * h)
+        self.dense_4h_to_h = nn.Linear(4 * h, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: BloomConfig) -> None:
+        super().__init__()
+        eps = config.layer_norm_epsilon
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.self_attention = Attention(config)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.mlp = MLP(config)
+        self.residual_after_norm = config.apply_residual_connection_post_layernorm
+
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor, cache: KVCache | None, layer: int, start: int
+    ) -> torch.Tensor:
+        normed = self.input_layernorm(x)
+        residual = normed if self.residual_after_norm else x
+        x = residual + self.self_attention(normed, bias, cache, layer, start)
+        normed = self.post_attention_layernorm(x)
+        residual = normed if self.residual_after_norm else x
+        return residual + self.mlp(normed)
+
+
+class Bloom(nn.Module):
+    """BLOOM with its tied head. `forward` returns logits in the model's dtype."""
+
+    def __init__(self, config: BloomConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings_layernorm = nn.LayerNorm(
+            config.hidden_size, eps=config.layer_norm_epsilon
+        )
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for `input_ids` [B, S] placed at positions `start:start+S` of `mask` [B, T].
+
+        With a cache, keys/values of earlier positions come from it and the new
+        ones are written to it. `last_only` computes the head for the last
+        position alone, which is all that generation needs.
+        """
+        x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+        # float16 attention runs in float32 (see Attention), so its bias does too.
+        bias_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+        bias = attention_bias(self.slopes, mask, start, input_ids.shape[1], bias_dtype)
+        for layer, block in enumerate(self.h):
+            x = block(x, bias, cache, layer, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(self.ln_f(x))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied output projection; parallel.py gathers it across ranks."""
+        return F.linear(x, self.word_embeddings.weight)

@@ -1,0 +1,55 @@
+"""Text <-> token ids through a Hugging Face `tokenizer.json`, batched with left padding.
+
+BLOOM's tokenizer adds no special tokens, so encoding is the raw BPE ids and a
+prompt's last token is the last thing the model saw: generation continues it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .errors import CheckpointError, InputError
+
+FILENAME = "tokenizer.json"
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path, pad_token_id: int, eos_token_id: int) -> None:
+        try:
+            self._tok = _HFTokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a plain Exception on a bad file
+            raise CheckpointError(f"{path}: not a valid tokenizer.json ({err})") from None
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded `input_ids` and `attention_mask`, both [B, S] int64."""
+        if isinstance(texts, str) or not texts:
+            raise InputError("prompts: expected a non-empty list of strings")
+        rows = [self.encode(text) for text in texts]
+        for i, row in enumerate(rows):
+            if not row:
+                raise InputError(f"prompt {i} is empty: nothing to condition generation on")
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+        return ids, mask
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated ids, cut at the first EOS (after which rows hold padding)."""
+        if self.eos_token_id in ids:
+            ids = ids[: ids.index(self.eos_token_id)]
+        return self._tok.decode([i for i in ids if i != self.pad_token_id])
