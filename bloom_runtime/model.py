@@ -42,20 +42,22 @@ def attention_bias(
 ) -> torch.Tensor:
     """The additive attention bias [B, H, q_len, T] for queries at `start:start+q_len`.
 
-    `mask` is [B, T] (1 = token, 0 = left padding), T = start + q_len. ALiBi is
-    taken relative to the query position: softmax is shift invariant, so this
-    equals BLOOM's absolute form, and its small magnitudes survive bfloat16.
-    Disallowed entries get the most negative finite value, so a row with nothing
-    to attend to (a padding query) stays finite instead of turning to NaN.
+    `mask` is [B, T] (1 = token, 0 = left padding), T = start + q_len.
+    BLOOM adds slope * key_position, with positions counted over real tokens,
+    `(cumsum(mask) - 1) * mask`. Softmax is shift invariant, so subtracting the
+    query's position changes nothing; and with padding only on the left, the
+    distance between two real tokens is the distance between their indices.
+    So the bias is slope * (key_index - query_index): the same for every row,
+    exact under left padding, and small near the diagonal, where it matters and
+    where bfloat16 keeps it precise. Disallowed entries get the most negative
+    finite value, so a padding query with nothing to attend to stays finite.
     """
-    positions = ((mask.cumsum(-1) - 1) * mask).to(torch.float32)  # [B, T]
-    q_pos = positions[:, start : start + q_len]
-    relative = positions[:, None, None, :] - q_pos[:, None, :, None]  # [B, 1, q, T]
-    bias = slopes.to(mask.device)[None, :, None, None] * relative  # [B, H, q, T]
     total = mask.shape[1]
-    causal = torch.ones(q_len, total, dtype=torch.bool, device=mask.device).tril(start)
-    allowed = causal[None, None] & mask[:, None, None, :].bool()
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min).to(dtype)
+    keys = torch.arange(total, device=mask.device, dtype=torch.float32)
+    queries = keys[start : start + q_len, None]
+    bias = slopes.to(mask.device)[:, None, None] * (keys - queries)  # [H, q, T]
+    allowed = (keys <= queries)[None, None] & mask[:, None, None, :].bool()  # [B, 1, q, T]
+    return bias[None].masked_fill(~allowed, torch.finfo(dtype).min).to(dtype)
 
 
 class Attention(nn.Module):
