@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import BloomConfig
 from .errors import CheckpointError
+from .quant import QuantSpec, quantized_linear_names
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -109,32 +110,68 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     yield from state.items()
 
 
-def validate_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...], path: Path) -> None:
+# What a tensor in a checkpoint is: a float parameter (cast to the model's dtype),
+# an int8 weight or zero point (kept as is), or a quantization scale (float32, > 0).
+FLOAT, INT8, SCALE = "float", "int8", "scale"
+
+
+def expected_tensors(config: BloomConfig, spec: QuantSpec | None = None) -> dict[str, tuple[tuple, str]]:
+    """name -> (shape, kind) of every tensor a (possibly quantized) checkpoint must hold."""
+    expected = {name: (shape, FLOAT) for name, shape in parameter_shapes(config).items()}
+    if spec is None:
+        return expected
+    for module in quantized_linear_names(config.n_layer, spec):
+        out_features = expected[f"{module}.weight"][0][0]
+        expected[f"{module}.weight"] = (expected[f"{module}.weight"][0], INT8)
+        expected[f"{module}.weight_scale"] = ((out_features, 1), SCALE)
+        if spec.activation in ("static", "static-asym"):
+            expected[f"{module}.input_scale"] = ((1,), SCALE)
+        if spec.activation == "static-asym":
+            expected[f"{module}.input_zero_point"] = ((1,), INT8)
+    return expected
+
+
+def validate_tensor(name: str, tensor: torch.Tensor, shape: tuple, kind: str, path: Path) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise CheckpointError(f"{path}: {name} is a {type(tensor).__name__}, not a tensor")
     if tuple(tensor.shape) != shape:
         raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+    if kind == INT8:
+        if tensor.dtype != torch.int8:
+            raise CheckpointError(f"{path}: {name} has dtype {tensor.dtype}, expected torch.int8")
+        return
     if not tensor.is_floating_point():
         raise CheckpointError(f"{path}: {name} has dtype {tensor.dtype}, expected a float dtype")
     # min/max propagate NaN and show inf, and unlike isfinite() allocate nothing tensor-sized.
     low, high = tensor.aminmax()
     if not (torch.isfinite(low) and torch.isfinite(high)):
         raise CheckpointError(f"{path}: {name} contains NaN or inf")
+    if kind == SCALE and not low > 0:
+        raise CheckpointError(f"{path}: {name} holds a scale <= 0 ({float(low)})")
 
 
-def load_float_state(
-    directory: Path, config: BloomConfig, dtype: torch.dtype, device: torch.device
+def load_state(
+    directory: Path,
+    config: BloomConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    spec: QuantSpec | None = None,
 ) -> dict[str, torch.Tensor]:
-    """All network tensors of a float checkpoint, validated and cast to `dtype` on `device`."""
-    expected = parameter_shapes(config)
+    """All tensors of a float or quantized checkpoint, validated, on `device`.
+
+    Float parameters are cast to `dtype`; int8 tensors and scales keep theirs.
+    """
+    expected = expected_tensors(config, spec)
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(directory):
         for raw_name, tensor in iter_tensors(path):
             name = canonical_name(raw_name)
             if raw_name == _TIED or name not in expected:
                 continue  # the tied head, or buffers older exports carry
-            validate_tensor(name, tensor, expected[name], path)
-            state[name] = tensor.to(device=device, dtype=dtype)
+            shape, kind = expected[name]
+            validate_tensor(name, tensor, shape, kind, path)
+            target = dtype if kind == FLOAT else (torch.float32 if kind == SCALE else torch.int8)
+            state[name] = tensor.to(device=device, dtype=target)
     missing = [name for name in expected if name not in state]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from .config import BloomConfig
 from .engine import DTYPES, ModelSource, load
 from .errors import BloomRuntimeError
+from .quant import ACTIVATIONS, QuantSpec
+from .weights import checkpoint_bytes, quantize_checkpoint
 
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -63,6 +65,39 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{field:>24}: {value}")
 
 
+def cmd_weights_quant(args: argparse.Namespace) -> None:
+    activation = None if args.scheme == "w8a16" else args.activation
+    alpha = None if args.no_smooth or activation is None else args.alpha
+    spec = QuantSpec(activation=activation, alpha=alpha, float_layers=tuple(args.float_layers))
+    out = quantize_checkpoint(args.input, args.output, spec, calib_samples=args.calib_samples,
+                              calib_data=args.calib_data, dtype=args.dtype, seed=args.seed, force=args.force)
+    print(f"wrote {out} ({spec.scheme}, activations {activation or 'float'}, "
+          f"{checkpoint_bytes(out) / 2**20:.1f} MiB)")
+
+
+def _weights_parser(sub) -> None:
+    weights = sub.add_parser("weights", help="prepare checkpoints: quantize, cut for tensor parallelism")
+    tools = weights.add_subparsers(dest="tool", required=True)
+    quant = tools.add_parser("quant", help="quantize a float checkpoint to INT8 (compressed-tensors)")
+    quant.add_argument("--input", required=True, help="a float Hugging Face BLOOM directory")
+    quant.add_argument("--output", required=True)
+    quant.add_argument("--scheme", default="w8a8", choices=["w8a8", "w8a16"])
+    quant.add_argument("--activation", default="dynamic", choices=list(ACTIVATIONS),
+                       help="W8A8 activations: per-token dynamic, per-tensor static, or static "
+                            "asymmetric (the Ascend modelslim recipe)")
+    quant.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
+    quant.add_argument("--no-smooth", action="store_true", help="skip SmoothQuant (as modelslim does)")
+    quant.add_argument("--float-layers", type=int, nargs="*", default=[],
+                       help="blocks kept in float, e.g. 7 as the guide did for bloom-7b1")
+    quant.add_argument("--calib-samples", type=int, default=16, help="128-token calibration windows")
+    quant.add_argument("--calib-data", default=None, help="a UTF-8 text file (default: embedded text)")
+    quant.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                       help="dtype of the parts that stay float")
+    quant.add_argument("--seed", type=int, default=0)
+    quant.add_argument("--force", action="store_true", help="replace an existing output")
+    quant.set_defaults(func=cmd_weights_quant)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bloom-runtime", description="BLOOM inference runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="shape, parameter count and size of a model")
     _model_args(info)
     info.set_defaults(func=cmd_info)
+
+    _weights_parser(sub)
     return parser
 
 

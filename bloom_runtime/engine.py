@@ -15,11 +15,19 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .calibration import calibration_ids
 from .config import INFO_ONLY_PRESETS, BloomConfig, preset
 from .device import resolve
 from .errors import CheckpointError, InputError
 from .kv_cache import KVCache
 from .model import Bloom, alibi_slopes
+from .quant import (
+    QuantSpec,
+    int8_skeleton,
+    quantize_model,
+    replace_linears,
+    spec_from_quantization_config,
+)
 from .sampling import Sampling, next_token
 from .tokenizer import FILENAME as TOKENIZER_FILE
 from .tokenizer import Tokenizer
@@ -68,45 +76,67 @@ class ModelSource:
             raise CheckpointError(f"{directory}: no config.json")
         return cls(text, BloomConfig.from_json(config_path), directory)
 
+    @property
+    def quant_spec(self) -> QuantSpec | None:
+        """How the checkpoint is quantized, from config.json; None for a float checkpoint."""
+        raw = self.config.quantization_config
+        if raw is None:
+            return None
+        return spec_from_quantization_config(raw, self.config.n_layer, f"{self.directory}/config.json")
+
 
 def load(
     model: str | os.PathLike = "tiny",
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
-    quant: str | None = None,
+    quant: str | QuantSpec | None = None,
     tp: int | None = None,
     max_seq_len: int | None = None,
     seed: int = 0,
+    calib_samples: int = 16,
+    calib_data: str | os.PathLike | None = None,
 ) -> Engine:
     """Load a model ready to generate. See DESIGN.md for the meaning of each argument.
 
     `max_seq_len` bounds prompt + new tokens (default: the config's seq_length);
-    `seed` seeds `random:<preset>` weights.
+    `seed` seeds `random:<preset>` weights and the calibration windows;
+    `calib_samples`/`calib_data` choose the calibration text for `quant`, which
+    may also be a `QuantSpec` for recipes beyond the three names.
     """
     torch_dtype = parse_dtype(dtype)
     torch_device = resolve(device)
-    if quant is not None:
-        raise InputError(f"quant={quant!r}: INT8 schemes are not available in this version")
     world = int(os.environ.get("WORLD_SIZE", "1")) if tp is None else tp
     if world != 1:
         raise InputError(f"tp={world}: tensor parallelism is not available in this version")
     source = ModelSource.resolve(model)
-    config = source.config
+    config, stored = source.config, source.quant_spec
+    if quant is not None and stored is not None:
+        raise InputError(f"{source.name} is already quantized ({stored.scheme}); load it without quant=")
     if source.directory is None:
         if source.name.removeprefix(RANDOM_PREFIX) in INFO_ONLY_PRESETS:
             raise InputError(f"model {source.name!r} is too large to run here; use it with `info`")
         state = checkpoint.random_state(config, torch_dtype, torch_device, seed)
         tokenizer = None
     else:
-        state = checkpoint.load_float_state(source.directory, config, torch_dtype, torch_device)
+        state = checkpoint.load_state(source.directory, config, torch_dtype, torch_device, stored)
         tokenizer = _tokenizer(source.directory, config)
-    return Engine(build_model(config, state), tokenizer, max_seq_len or config.seq_length)
+    net = build_model(config, state, stored)
+    if quant is not None:
+        spec = quant if isinstance(quant, QuantSpec) else QuantSpec.from_name(quant)
+        ids = None
+        if spec.needs_calibration:
+            ids = calibration_ids(tokenizer, config.vocab_size, calib_samples, seed=seed,
+                                  text_path=calib_data)
+        quantize_model(net, spec, ids)
+    return Engine(net, tokenizer, max_seq_len or config.seq_length)
 
 
-def build_model(config: BloomConfig, state: dict[str, torch.Tensor]) -> Bloom:
+def build_model(config: BloomConfig, state: dict[str, torch.Tensor], spec: QuantSpec | None = None) -> Bloom:
     """A `Bloom` whose parameters are the given tensors, with no extra copy."""
     with torch.device("meta"):
         model = Bloom(config)
+        if spec is not None:
+            replace_linears(model, spec, lambda _name, linear: int8_skeleton(linear, spec))
     model.load_state_dict(state, strict=True, assign=True)
     device = next(iter(state.values())).device
     model.slopes = alibi_slopes(config.n_head).to(device)

@@ -58,6 +58,8 @@ def write(output: Path, force: bool, seed: int) -> None:
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save(str(staging / "tokenizer.json"))
+        # INT8 calibration text: same generator, another seed, so not the tokenizer's own text.
+        (staging / "calibration.txt").write_text("".join(corpus(400, seed + 1)), encoding="utf-8")
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)
