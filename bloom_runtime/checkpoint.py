@@ -3,7 +3,9 @@
 Layouts: `model.safetensors`; `model-*.safetensors` + `model.safetensors.index.json`;
 `pytorch_model.bin`; `pytorch_model-*.bin` + `pytorch_model.bin.index.json`.
 Tensor names may carry the `transformer.` prefix; `lm_head.weight` is the tied
-embedding and is skipped.
+embedding and is skipped. Also ours: a quantized checkpoint (compressed-tensors,
+int8 weights + scales) and a cut one (`rank_<r>/model.safetensors` per
+tensor-parallel rank, verified against `manifest.json`).
 
 Tensors are read one at a time from memory-mapped files and cast straight to
 the target dtype and device, so peak memory is the model plus one tensor.
@@ -12,6 +14,7 @@ Pickled `.bin` files are opened with `weights_only=True` only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from collections.abc import Iterator
@@ -22,12 +25,14 @@ from safetensors import SafetensorError, safe_open
 
 from .config import BloomConfig
 from .errors import CheckpointError
+from .parallel import SINGLE, Shard, shard_shape
 from .quant import QuantSpec, quantized_linear_names
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+MANIFEST = "manifest.json"
 _PREFIX = "transformer."
 _TIED = "lm_head.weight"
 
@@ -64,6 +69,8 @@ def canonical_name(name: str) -> str:
 
 def weight_files(directory: Path) -> list[Path]:
     """The weight files of a Hugging Face checkpoint directory, in load order."""
+    if (directory / MANIFEST).is_file():
+        return sorted(directory.glob("rank_*/" + SAFETENSORS))
     for index_name, single in ((SAFETENSORS_INDEX, SAFETENSORS), (PICKLE_INDEX, PICKLE)):
         index = directory / index_name
         if index.is_file():
@@ -150,27 +157,72 @@ def validate_tensor(name: str, tensor: torch.Tensor, shape: tuple, kind: str, pa
         raise CheckpointError(f"{path}: {name} holds a scale <= 0 ({float(low)})")
 
 
+def rank_file(directory: Path, rank: int) -> Path:
+    """Where rank `rank`'s tensors live in a cut (tensor-parallel) checkpoint."""
+    return directory / f"rank_{rank}" / SAFETENSORS
+
+
+def verify_manifest(directory: Path, shard: Shard) -> None:
+    """Check a cut checkpoint before use: world size, every file present at its size, our sha256."""
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files, tp_size = manifest["files"], manifest["tp_size"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: missing or invalid manifest ({err!r})") from None
+    if tp_size != shard.world:
+        raise CheckpointError(f"{directory}: cut for tp={tp_size}, but running with tp={shard.world}; "
+                              f"launch torchrun --nproc_per_node {tp_size}")
+    for name, entry in files.items():
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: lists {name}, which is missing")
+        if file.stat().st_size != entry["size"]:
+            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, manifest says {entry['size']}")
+    own = rank_file(directory, shard.rank).relative_to(directory).as_posix()
+    if own not in files:
+        raise CheckpointError(f"{path}: has no entry for {own}")
+    if sha256_of(directory / own) != files[own]["sha256"]:
+        raise CheckpointError(f"{directory / own}: sha256 does not match {path}")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_state(
     directory: Path,
     config: BloomConfig,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     device: torch.device,
     spec: QuantSpec | None = None,
+    shard: Shard = SINGLE,
 ) -> dict[str, torch.Tensor]:
-    """All tensors of a float or quantized checkpoint, validated, on `device`.
+    """All tensors of a float, quantized or cut checkpoint, validated, on `device`.
 
-    Float parameters are cast to `dtype`; int8 tensors and scales keep theirs.
+    Float parameters are cast to `dtype` (None keeps theirs); int8 tensors and
+    scales keep theirs. A cut checkpoint (config tp_size > 1) yields the part
+    of rank `shard.rank`, after its manifest is verified.
     """
     expected = expected_tensors(config, spec)
+    files = weight_files(directory)
+    if config.tp_size > 1:
+        verify_manifest(directory, shard)
+        expected = {n: (shard_shape(n, shape, shard.world), kind) for n, (shape, kind) in expected.items()}
+        files = [rank_file(directory, shard.rank)]
     state: dict[str, torch.Tensor] = {}
-    for path in weight_files(directory):
+    for path in files:
         for raw_name, tensor in iter_tensors(path):
             name = canonical_name(raw_name)
             if raw_name == _TIED or name not in expected:
                 continue  # the tied head, or buffers older exports carry
             shape, kind = expected[name]
             validate_tensor(name, tensor, shape, kind, path)
-            target = dtype if kind == FLOAT else (torch.float32 if kind == SCALE else torch.int8)
+            target = {FLOAT: dtype or tensor.dtype, SCALE: torch.float32, INT8: torch.int8}[kind]
             state[name] = tensor.to(device=device, dtype=target)
     missing = [name for name in expected if name not in state]
     if missing:

@@ -10,11 +10,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import torch.distributed as dist
+
 from .config import BloomConfig
 from .engine import DTYPES, ModelSource, load
 from .errors import BloomRuntimeError
 from .quant import ACTIVATIONS, QuantSpec
-from .weights import checkpoint_bytes, quantize_checkpoint
+from .weights import checkpoint_bytes, cut_checkpoint, quantize_checkpoint
 
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -37,8 +39,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
     )  # fmt: skip
-    for prompt, text in zip(args.prompt, texts):
-        print(prompt + text)
+    if engine.shard.rank == 0:  # under torchrun, one rank speaks
+        for prompt, text in zip(args.prompt, texts):
+            print(prompt + text)
 
 
 def describe(config: BloomConfig) -> list[tuple[str, str]]:
@@ -75,6 +78,11 @@ def cmd_weights_quant(args: argparse.Namespace) -> None:
           f"{checkpoint_bytes(out) / 2**20:.1f} MiB)")
 
 
+def cmd_weights_cut(args: argparse.Namespace) -> None:
+    out = cut_checkpoint(args.input, args.output, args.tp, force=args.force)
+    print(f"wrote {out} (tp={args.tp}, {checkpoint_bytes(out) / 2**20:.1f} MiB)")
+
+
 def _weights_parser(sub) -> None:
     weights = sub.add_parser("weights", help="prepare checkpoints: quantize, cut for tensor parallelism")
     tools = weights.add_subparsers(dest="tool", required=True)
@@ -96,6 +104,13 @@ def _weights_parser(sub) -> None:
     quant.add_argument("--seed", type=int, default=0)
     quant.add_argument("--force", action="store_true", help="replace an existing output")
     quant.set_defaults(func=cmd_weights_quant)
+
+    cut = tools.add_parser("cut", help="cut a float or quantized checkpoint into one part per TP rank")
+    cut.add_argument("--input", required=True)
+    cut.add_argument("--output", required=True)
+    cut.add_argument("--tp", type=int, required=True, help="tensor-parallel size (number of ranks)")
+    cut.add_argument("--force", action="store_true", help="replace an existing output")
+    cut.set_defaults(func=cmd_weights_cut)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,4 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BloomRuntimeError as err:
         print(f"bloom-runtime: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, parallel
 from .calibration import calibration_ids
 from .config import INFO_ONLY_PRESETS, BloomConfig, preset
 from .device import resolve
@@ -102,62 +102,98 @@ def load(
     `seed` seeds `random:<preset>` weights and the calibration windows;
     `calib_samples`/`calib_data` choose the calibration text for `quant`, which
     may also be a `QuantSpec` for recipes beyond the three names.
+
+    With tp > 1 (or under torchrun) every rank calls this; a rank that fails
+    makes all of them raise, before any computes.
     """
     torch_dtype = parse_dtype(dtype)
-    torch_device = resolve(device)
-    world = int(os.environ.get("WORLD_SIZE", "1")) if tp is None else tp
-    if world != 1:
-        raise InputError(f"tp={world}: tensor parallelism is not available in this version")
+    world = parallel.world_from_env() if tp is None else tp
+    if not isinstance(world, int) or world < 1:
+        raise InputError(f"tp must be a positive integer, got {tp!r}")
+    torch_device = parallel.local_device(resolve(device)) if world > 1 else resolve(device)
+    shard = parallel.init(world, torch_device)
+    error, engine = None, None
+    try:
+        engine = _load(model, torch_dtype, torch_device, quant, shard, max_seq_len, seed,
+                       dict(samples=calib_samples, text_path=calib_data))
+    except Exception as err:  # reported to every rank, then re-raised
+        error = err
+    parallel.agree(shard, error)
+    return engine
+
+
+def _load(model, dtype, device, quant, shard, max_seq_len, seed, calib) -> Engine:
     source = ModelSource.resolve(model)
     config, stored = source.config, source.quant_spec
+    parallel.check_divisible(config, shard.world)
     if quant is not None and stored is not None:
         raise InputError(f"{source.name} is already quantized ({stored.scheme}); load it without quant=")
+    if config.tp_size > 1:
+        if config.tp_size != shard.world:
+            raise CheckpointError(f"{source.name}: cut for tp={config.tp_size}, but running with "
+                                  f"tp={shard.world}; launch torchrun --nproc_per_node {config.tp_size}")
+        state = checkpoint.load_state(source.directory, config, dtype, device, stored, shard)
+        return Engine(build_model(config, state, stored, shard), _tokenizer(source), max_seq_len)
     if source.directory is None:
         if source.name.removeprefix(RANDOM_PREFIX) in INFO_ONLY_PRESETS:
             raise InputError(f"model {source.name!r} is too large to run here; use it with `info`")
-        state = checkpoint.random_state(config, torch_dtype, torch_device, seed)
-        tokenizer = None
+        state = checkpoint.random_state(config, dtype, device, seed)
     else:
-        state = checkpoint.load_state(source.directory, config, torch_dtype, torch_device, stored)
-        tokenizer = _tokenizer(source.directory, config)
-    net = build_model(config, state, stored)
+        state = checkpoint.load_state(source.directory, config, dtype, device, stored)
+    tokenizer = _tokenizer(source)
     if quant is not None:
+        full = build_model(config, state)
         spec = quant if isinstance(quant, QuantSpec) else QuantSpec.from_name(quant)
         ids = None
         if spec.needs_calibration:
-            ids = calibration_ids(tokenizer, config.vocab_size, calib_samples, seed=seed,
-                                  text_path=calib_data)
-        quantize_model(net, spec, ids)
-    return Engine(net, tokenizer, max_seq_len or config.seq_length)
+            ids = calibration_ids(tokenizer, config.vocab_size, calib["samples"], seed=seed,
+                                  text_path=calib["text_path"])
+        quantize_model(full, spec, ids)
+        state, stored = full.state_dict(), spec
+        if shard.world == 1:
+            return Engine(full, tokenizer, max_seq_len)
+    if shard.world > 1:
+        state = parallel.shard_state(state, shard)
+    return Engine(build_model(config, state, stored, shard), tokenizer, max_seq_len)
 
 
-def build_model(config: BloomConfig, state: dict[str, torch.Tensor], spec: QuantSpec | None = None) -> Bloom:
-    """A `Bloom` whose parameters are the given tensors, with no extra copy."""
+def build_model(
+    config: BloomConfig,
+    state: dict[str, torch.Tensor],
+    spec: QuantSpec | None = None,
+    shard: parallel.Shard = parallel.SINGLE,
+) -> Bloom:
+    """A `Bloom` (rank `shard.rank`'s part of it) whose parameters are `state`'s tensors, uncopied."""
     with torch.device("meta"):
         model = Bloom(config)
+        if shard.world > 1:
+            parallel.shard_skeleton(model, shard)
         if spec is not None:
             replace_linears(model, spec, lambda _name, linear: int8_skeleton(linear, spec))
     model.load_state_dict(state, strict=True, assign=True)
     device = next(iter(state.values())).device
-    model.slopes = alibi_slopes(config.n_head).to(device)
+    model.slopes = alibi_slopes(config.n_head).chunk(shard.world)[shard.rank].to(device)
+    if shard.world > 1:
+        parallel.attach_collectives(model)
     return model.eval().requires_grad_(False)
 
 
-def _tokenizer(directory: Path, config: BloomConfig) -> Tokenizer | None:
-    path = directory / TOKENIZER_FILE
-    if not path.is_file():
+def _tokenizer(source: ModelSource) -> Tokenizer | None:
+    if source.directory is None or not (source.directory / TOKENIZER_FILE).is_file():
         return None
-    return Tokenizer(path, config.pad_token_id, config.eos_token_id)
+    config = source.config
+    return Tokenizer(source.directory / TOKENIZER_FILE, config.pad_token_id, config.eos_token_id)
 
 
 class Engine:
     """A loaded model: full-sequence logits, and generation with a KV cache."""
 
-    def __init__(self, model: Bloom, tokenizer: Tokenizer | None, max_seq_len: int) -> None:
+    def __init__(self, model: Bloom, tokenizer: Tokenizer | None, max_seq_len: int | None = None) -> None:
         self.model = model
         self.config: BloomConfig = model.config
         self.tokenizer = tokenizer
-        self.max_seq_len = max_seq_len
+        self.max_seq_len = max_seq_len or model.config.seq_length
+        self.shard = parallel.current_shard()
         self._cache: KVCache | None = None
 
     @property
@@ -197,6 +233,7 @@ class Engine:
         generator = None
         if do_sample:
             generator = torch.Generator(device=self.device)
+            seed = parallel.shared_seed(seed, self.shard)
             generator.manual_seed(seed) if seed is not None else generator.seed()
         return self._generate(ids, mask, max_new_tokens, sampling, generator, eos_token_id).cpu()
 

@@ -119,13 +119,27 @@ class Block(nn.Module):
         return residual + self.mlp(normed)
 
 
+class TiedEmbedding(nn.Module):
+    """The token embedding, which BLOOM also uses as its output projection."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class Bloom(nn.Module):
     """BLOOM with its tied head. `forward` returns logits in the model's dtype."""
 
     def __init__(self, config: BloomConfig) -> None:
         super().__init__()
         self.config = config
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings = TiedEmbedding(config.vocab_size, config.hidden_size)
         self.word_embeddings_layernorm = nn.LayerNorm(
             config.hidden_size, eps=config.layer_norm_epsilon
         )
@@ -155,8 +169,4 @@ class Bloom(nn.Module):
             x = block(x, bias, cache, layer, start)
         if last_only:
             x = x[:, -1:]
-        return self.head(self.ln_f(x))
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """The tied output projection; parallel.py gathers it across ranks."""
-        return F.linear(x, self.word_embeddings.weight)
+        return self.word_embeddings.logits(self.ln_f(x))

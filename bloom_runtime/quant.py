@@ -105,8 +105,14 @@ class Int8Linear(nn.Module):
 
     `input_scale` None means per-token dynamic scales; otherwise one static
     scale, and with `input_zero_point` an asymmetric one. The zero point's
-    contribution, zp * sum_k q[n, k], is precomputed per output channel.
+    contribution, zp * sum_k q[n, k], is subtracted from the int32 sums.
+
+    `reduce_absmax`, when set (by parallel.py on row-parallel ranks, which each
+    see a slice of a token), makes per-token scales span the whole token, so
+    tensor-parallel runs quantize exactly as a single device does.
     """
+
+    reduce_absmax = None
 
     def __init__(
         self,
@@ -128,7 +134,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
         if self.input_scale is None:
-            scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
+            absmax = flat.abs().amax(dim=1, keepdim=True)
+            if self.reduce_absmax is not None:
+                absmax = self.reduce_absmax(absmax)
+            scale = absmax.clamp(min=1e-8) / 127.0
         else:
             scale = self.input_scale
         q = torch.round(flat / scale)

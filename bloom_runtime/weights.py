@@ -16,8 +16,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
+from . import checkpoint, parallel
 from .engine import Engine, ModelSource, load
 from .errors import InputError
 from .quant import QuantSpec, to_quantization_config
@@ -81,6 +84,48 @@ def quantize_checkpoint(
         write_checkpoint(engine, staging, to_quantization_config(spec, engine.config.n_layer, **provenance))
         _copy_tokenizer(source.directory, staging)
     return Path(output_dir)
+
+
+def cut_checkpoint(
+    input_dir: str | os.PathLike, output_dir: str | os.PathLike, tp: int, force: bool = False
+) -> Path:
+    """Split a float or quantized checkpoint into `tp` rank files plus a sha256 manifest.
+
+    Tensors keep their stored dtypes; the guide's cut_float and cut_quant are both this.
+    """
+    source = ModelSource.resolve(input_dir)
+    config = source.config
+    if source.directory is None:
+        raise InputError(f"--input {input_dir}: expected a checkpoint directory")
+    if config.tp_size != 1:
+        raise InputError(f"--input {input_dir} is already cut for tp={config.tp_size}")
+    if not isinstance(tp, int) or tp < 2:
+        raise InputError(f"--tp must be 2 or more, got {tp}")
+    parallel.check_divisible(config, tp)
+    spec = source.quant_spec
+    state = checkpoint.load_state(source.directory, config, None, torch.device("cpu"), spec)
+    with staged_output(output_dir, [source.directory], force) as staging:
+        for rank in tqdm(range(tp), desc="cutting", unit="rank"):
+            part = parallel.shard_state(state, parallel.Shard(rank, tp))
+            path = checkpoint.rank_file(staging, rank)
+            path.parent.mkdir()
+            save_file({PREFIX + n: t.contiguous() for n, t in part.items()}, path, metadata={"format": "pt"})
+        raw = json.loads((source.directory / "config.json").read_text(encoding="utf-8"))
+        raw["tp_size"] = tp
+        (staging / "config.json").write_text(json.dumps(raw, indent=2, ensure_ascii=False))
+        _copy_tokenizer(source.directory, staging)
+        _write_manifest(staging, tp)
+    return Path(output_dir)
+
+
+def _write_manifest(directory: Path, tp: int) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    entries = {
+        p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": checkpoint.sha256_of(p)}
+        for p in files
+    }
+    manifest = {"format": "bloom-runtime-cut", "tp_size": tp, "files": entries}
+    (directory / checkpoint.MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
 def _copy_tokenizer(source: Path | None, destination: Path) -> None:

@@ -21,12 +21,9 @@ import sys, threading, time
 import torch
 import bloom_runtime as br
 
-# Start torch's thread pools and import its meta-tensor machinery (~70 MB of Python
-# modules) first: that one-off memory is not the loader's.
+# Start torch's thread pools first: that one-off memory is not the loader's.
 warm = torch.randn(512, 512)
 torch.isfinite(warm).all(); warm.to(torch.bfloat16).sum()
-with torch.device("meta"):
-    torch.nn.Embedding(4, 4), torch.nn.Linear(4, 4)
 
 def anon_kib():
     for line in open("/proc/self/status"):

@@ -1,0 +1,145 @@
+"""Tensor parallelism: TP=2 against TP=1 on the same weights, cut checkpoints, failures, torchrun.
+
+Configs have a head count per rank that is not a power of two (3) and a
+vocabulary that is not a multiple of 2 (251, 333), so ALiBi slicing and vocab
+padding are both exercised. float32: relative error <= 1e-5 of the logit
+scale and identical greedy tokens; int8: identical greedy tokens.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from compare import left_padded_batch, relative_error
+from distributed import run_ranks
+from hf_checkpoints import hf_model, save
+from safetensors.torch import load_file, save_file
+
+import bloom_runtime as br
+from bloom_runtime import CheckpointError, DistributedError
+from bloom_runtime.weights import cut_checkpoint, quantize_checkpoint
+
+CONFIGS = {
+    "3-heads-per-rank": dict(n_head=6, hidden_size=48, vocab_size=251, n_layer=2),
+    "post-ln-vocab-333": dict(n_head=6, hidden_size=96, vocab_size=333, n_layer=3,
+                              apply_residual_connection_post_layernorm=True),
+}  # fmt: skip
+INT8 = ("w8a8", "w8a8-static", "w8a16")
+
+
+def outputs(path: str, quant: str | None = None) -> dict:
+    """What a rank computes: logits, greedy tokens and seeded samples on a fixed batch."""
+    engine = br.load(path, quant=quant)
+    ids, mask = left_padded_batch(engine.config.vocab_size, [9, 5, 12], seed=3)
+    return dict(
+        logits=engine.logits(ids, mask), mask=mask,
+        greedy=engine.generate(ids, mask, max_new_tokens=24),
+        sampled=engine.generate(ids, mask, max_new_tokens=12, do_sample=True, top_k=8, seed=5),
+    )  # fmt: skip
+
+
+def many(jobs: list[tuple]) -> list[dict]:
+    return [outputs(*job) for job in jobs]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    made = {}
+    for name, fields in CONFIGS.items():
+        full = save(hf_model(seed=17, **fields), root / name)
+        made[name] = full
+        made[name + "-cut"] = cut_checkpoint(full, root / f"{name}-cut", tp=2)
+        quantized = quantize_checkpoint(full, root / f"{name}-w8a8-static", br.quant.QuantSpec("static"))
+        made[name + "-int8-cut"] = cut_checkpoint(quantized, root / f"{name}-int8-cut", tp=2)
+        made[name + "-int8"] = quantized
+    return made
+
+
+@pytest.fixture(scope="module")
+def tp2(checkpoints):
+    """Everything the TP=2 tests compare, computed in one two-rank run (spawning is slow)."""
+    jobs = [(str(checkpoints[n]), None) for n in checkpoints if not n.endswith("int8")]
+    jobs += [(str(checkpoints[n]), q) for n in CONFIGS for q in INT8]
+    status, results = run_ranks(many, 2, jobs)[0]
+    assert status == "ok", results
+    return dict(zip(jobs, results))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tp2_float32_equals_tp1(checkpoints, tp2, name):
+    single = outputs(str(checkpoints[name]))
+    for variant in (name, name + "-cut"):
+        double = tp2[(str(checkpoints[variant]), None)]
+        err = relative_error(double["logits"], single["logits"], single["mask"])
+        assert err <= 1e-5, f"{variant}: relative error {err:.2e}"
+        assert torch.equal(double["greedy"], single["greedy"]), variant
+        assert torch.equal(double["sampled"], single["sampled"]), variant
+
+
+@pytest.mark.parametrize("quant", INT8)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tp2_int8_greedy_tokens_equal_tp1(checkpoints, tp2, name, quant):
+    single = outputs(str(checkpoints[name]), quant)
+    assert torch.equal(tp2[(str(checkpoints[name]), quant)]["greedy"], single["greedy"])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cut_quantized_checkpoint_equals_uncut(checkpoints, tp2, name):
+    single = outputs(str(checkpoints[name + "-int8"]))
+    assert torch.equal(tp2[(str(checkpoints[name + "-int8-cut"]), None)]["greedy"], single["greedy"])
+
+
+def test_cut_checkpoint_with_wrong_world_size_is_refused(checkpoints):
+    with pytest.raises(CheckpointError, match="cut for tp=2.*tp=1"):
+        br.load(checkpoints["3-heads-per-rank-cut"])
+
+
+def test_heads_must_divide_across_ranks(checkpoints, tmp_path):
+    with pytest.raises(br.BloomRuntimeError, match="n_head=6"):
+        cut_checkpoint(checkpoints["3-heads-per-rank"], tmp_path / "x", tp=4)
+
+
+def _load_only(path: str) -> str:
+    br.load(path)
+    return "loaded"
+
+
+@pytest.mark.parametrize("damage", ["missing-rank-file", "sha256-mismatch"])
+def test_a_failing_rank_makes_every_rank_raise(checkpoints, tmp_path, damage):
+    cut = cut_checkpoint(checkpoints["3-heads-per-rank"], tmp_path / "cut", tp=2)
+    victim = cut / "rank_1" / "model.safetensors"
+    if damage == "missing-rank-file":
+        victim.unlink()
+    else:
+        state = load_file(victim)
+        name = next(iter(state))
+        state[name] = state[name] + 1  # same size, different bytes
+        save_file(state, victim, metadata={"format": "pt"})
+    results = run_ranks(_load_only, 2, str(cut))
+    assert all(status == "error" for status, _ in results), results
+    kinds = {kind for _, (kind, _, _) in results}
+    assert kinds <= {"CheckpointError", "DistributedError"}
+    assert all("rank_1" in message for _, (_, message, _) in results)
+
+
+def test_torchrun_generate_prints_once_and_matches_tp1(tmp_path):
+    cut = cut_checkpoint(br.engine.TINY_DIR, tmp_path / "tiny-cut", tp=2)
+    prompt = "以下是中国关于计算机网络考试的单项选择题"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "bloom_runtime", "generate", "--model", str(cut), "--max-new-tokens", "8", prompt],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == prompt + br.load().generate_text([prompt], max_new_tokens=8)[0] + "\n"
+
+
+def test_tp_without_torchrun_is_a_clear_error(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(DistributedError, match="torchrun"):
+        br.load(tp=2)
