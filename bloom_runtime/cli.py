@@ -10,11 +10,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import torch.distributed as dist
+import torch
 
 from .config import BloomConfig
 from .engine import DTYPES, ModelSource, load
-from .errors import BloomRuntimeError
+from .errors import BloomRuntimeError, InputError
+from .parallel import shutdown
 from .quant import ACTIVATIONS, QuantSpec
 from .weights import checkpoint_bytes, cut_checkpoint, quantize_checkpoint
 
@@ -35,13 +36,30 @@ def _runtime_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     engine = load(args.model, dtype=args.dtype, device=args.device, quant=args.quant)
-    texts = engine.generate_text(
-        args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-    )  # fmt: skip
+    sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.token_ids:
+        lines = [" ".join(map(str, row)) for row in _generate_ids(engine, args.prompt, sampling)]
+    else:
+        texts = engine.generate_text(args.prompt, **sampling)
+        lines = [prompt + text for prompt, text in zip(args.prompt, texts)]
     if engine.shard.rank == 0:  # under torchrun, one rank speaks
-        for prompt, text in zip(args.prompt, texts):
-            print(prompt + text)
+        print("\n".join(lines))
+
+
+def _generate_ids(engine, prompts: list[str], sampling: dict) -> list[list[int]]:
+    """Prompts given as space-separated token ids, one batch, left-padded: for tokenizer-less models."""
+    try:
+        rows = [[int(tok) for tok in prompt.split()] for prompt in prompts]
+    except ValueError:
+        raise InputError("--token-ids: prompts must be space-separated integers, e.g. '5 17 42'") from None
+    if any(not row for row in rows):
+        raise InputError("--token-ids: a prompt has no ids")
+    width = max(map(len, rows))
+    ids = torch.tensor([[engine.config.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    new = engine.generate(ids, mask, eos_token_id=engine.config.eos_token_id, **sampling)
+    return new.tolist()
 
 
 def describe(config: BloomConfig) -> list[tuple[str, str]]:
@@ -125,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--token-ids", action="store_true",
+                     help="prompts are space-separated token ids and the output is ids "
+                          "(for models without a tokenizer, e.g. random:<preset>)")
     gen.add_argument("prompt", nargs="+")
     gen.set_defaults(func=cmd_generate)
 
@@ -144,6 +165,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bloom-runtime: error: {err}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
     return 0

@@ -133,7 +133,7 @@ def _load(model, dtype, device, quant, shard, max_seq_len, seed, calib) -> Engin
             raise CheckpointError(f"{source.name}: cut for tp={config.tp_size}, but running with "
                                   f"tp={shard.world}; launch torchrun --nproc_per_node {config.tp_size}")
         state = checkpoint.load_state(source.directory, config, dtype, device, stored, shard)
-        return Engine(build_model(config, state, stored, shard), _tokenizer(source), max_seq_len)
+        return Engine(build_model(config, state, stored, shard), _tokenizer(source), max_seq_len, shard)
     if source.directory is None:
         if source.name.removeprefix(RANDOM_PREFIX) in INFO_ONLY_PRESETS:
             raise InputError(f"model {source.name!r} is too large to run here; use it with `info`")
@@ -154,7 +154,7 @@ def _load(model, dtype, device, quant, shard, max_seq_len, seed, calib) -> Engin
             return Engine(full, tokenizer, max_seq_len)
     if shard.world > 1:
         state = parallel.shard_state(state, shard)
-    return Engine(build_model(config, state, stored, shard), tokenizer, max_seq_len)
+    return Engine(build_model(config, state, stored, shard), tokenizer, max_seq_len, shard)
 
 
 def build_model(
@@ -188,12 +188,18 @@ def _tokenizer(source: ModelSource) -> Tokenizer | None:
 class Engine:
     """A loaded model: full-sequence logits, and generation with a KV cache."""
 
-    def __init__(self, model: Bloom, tokenizer: Tokenizer | None, max_seq_len: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Bloom,
+        tokenizer: Tokenizer | None,
+        max_seq_len: int | None = None,
+        shard: parallel.Shard = parallel.SINGLE,
+    ) -> None:
         self.model = model
         self.config: BloomConfig = model.config
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len or model.config.seq_length
-        self.shard = parallel.current_shard()
+        self.shard = shard
         self._cache: KVCache | None = None
 
     @property
@@ -280,7 +286,8 @@ class Engine:
     def generate_text(self, prompts: list[str], max_new_tokens: int = 16, **sampling) -> list[str]:
         """Continuations of each prompt, decoded and cut at EOS."""
         if self.tokenizer is None:
-            raise InputError("this model has no tokenizer.json: pass token ids to generate()")
+            raise InputError("this model has no tokenizer.json: pass token ids to generate() "
+                             "(on the CLI: generate --token-ids '5 17 42')")
         ids, mask = self.tokenizer.encode_batch(prompts)
         sampling.setdefault("eos_token_id", self.config.eos_token_id)
         new = self.generate(ids, mask, max_new_tokens=max_new_tokens, **sampling)

@@ -18,6 +18,7 @@ checkpoint must hold (`shard_shape`), so the two cannot disagree.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 from datetime import timedelta
@@ -60,9 +61,17 @@ def init(world: int, device: torch.device) -> Shard:
             raise DistributedError(f"tp={world} needs torchrun (torchrun --nproc_per_node {world} ...)")
         timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "300")))
         dist.init_process_group(BACKENDS[device.type], timeout=timeout)
+        # A group left open at interpreter exit aborts the process (gloo's threads).
+        atexit.register(shutdown)
     if dist.get_world_size() != world:
         raise DistributedError(f"tp={world} but {dist.get_world_size()} processes were launched")
     return Shard(dist.get_rank(), world)
+
+
+def shutdown() -> None:
+    """Leave the process group, if one is open."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -191,12 +200,6 @@ def shared_seed(seed: int | None, shard: Shard) -> int | None:
     chosen = [int(torch.randint(0, 2**62, ()))]
     dist.broadcast_object_list(chosen, src=0)
     return chosen[0]
-
-
-def current_shard() -> Shard:
-    if dist.is_initialized():
-        return Shard(dist.get_rank(), dist.get_world_size())
-    return SINGLE
 
 
 def agree(shard: Shard, error: Exception | None) -> None:

@@ -90,7 +90,7 @@ class Int8WeightOnlyLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
+        if _int8pack_supports(x):
             # aten's int8 weight-pack kernel: reads int8 weights, scales per channel in the kernel.
             flat = x.reshape(-1, x.shape[-1])
             scale = self.weight_scale.view(-1).to(x.dtype)
@@ -98,6 +98,16 @@ class Int8WeightOnlyLinear(nn.Module):
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.view(-1).to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+
+def _int8pack_supports(x: torch.Tensor) -> bool:
+    """Where `_weight_int8pack_mm` is safe: CPU, and for bfloat16 an input width divisible by 16.
+
+    In torch 2.13 its bfloat16 CPU kernel segfaults on other widths (seen at
+    K=72, a tensor-parallel slice of a 144-wide model); real BLOOM widths are
+    multiples of 16 per rank, so only toy shapes take the fallback.
+    """
+    return x.device.type == "cpu" and (x.dtype != torch.bfloat16 or x.shape[-1] % 16 == 0)
 
 
 class Int8Linear(nn.Module):

@@ -96,6 +96,20 @@ def test_w8a16_equals_dequantized_weight_math():
     assert module.weight.dtype == torch.int8
 
 
+@pytest.mark.parametrize("width", [72, 144])
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
+def test_w8a16_any_width_and_dtype(width, dtype_name):
+    """Widths that are not a multiple of 16 once crashed aten's bfloat16 int8 kernel."""
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(2)
+    q, scale = quantize_weight(torch.randn(96, width))
+    x = torch.randn(192, width).to(dtype)
+    y = Int8WeightOnlyLinear(q, scale, None)(x)
+    expected = x.float() @ (q.float() * scale).t()
+    assert y.dtype == dtype
+    assert float((y.float() - expected).abs().max() / expected.abs().max()) < 1e-2
+
+
 def test_smoothing_alone_changes_nothing_in_float(checkpoint, reference):
     """Folding SmoothQuant's scales into LayerNorm and weights is an identity before rounding."""
     from bloom_runtime.calibration import calibration_ids
