@@ -12,6 +12,7 @@ mean KL(float32 || path), and whether 32 greedy tokens are identical.
 from __future__ import annotations
 
 import faulthandler
+
 faulthandler.enable()
 import argparse
 import sys
