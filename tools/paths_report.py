@@ -11,9 +11,6 @@ mean KL(float32 || path), and whether 32 greedy tokens are identical.
 
 from __future__ import annotations
 
-import faulthandler
-
-faulthandler.enable()
 import argparse
 import sys
 from pathlib import Path
