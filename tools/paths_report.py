@@ -12,6 +12,7 @@ mean KL(float32 || path), and whether 32 greedy tokens are identical.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def main() -> None:
         rows.append((dtype, quant or "-", world, top1_agreement(logits, ref_logits, mask),
                      relative_error(logits, ref_logits, mask), kl(logits, ref_logits, mask), same))
         del engine
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"model {args.model}: each path vs float32 tp=1")
         print("| dtype | quant | tp | top-1 | max err / scale | KL | 32 greedy tokens identical |")
         print("|---|---|---|---|---|---|---|")
