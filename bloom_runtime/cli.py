@@ -7,8 +7,10 @@ Each subcommand is a small function over the public API. A user's mistake
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -131,6 +133,52 @@ def _weights_parser(sub) -> None:
     cut.set_defaults(func=cmd_weights_cut)
 
 
+def cmd_perf(args: argparse.Namespace) -> None:
+    from . import bench
+    from .bench import cases, export
+
+    if args.seqlen_in_pair or args.seqlen_out_pair:
+        grid = cases.from_pairs(args.batch, args.seqlen_in_pair or [], args.seqlen_out_pair or [])
+    else:
+        grid = cases.from_ranges(args.batch, tuple(args.seqlen_in_range), tuple(args.seqlen_out_range))
+    opts = bench.PerfOptions(
+        cases=grid, model=args.model, dtype=args.dtype, device=args.device, quant=args.quant,
+        warmup=args.warmup, repeat=args.repeat, compare=tuple(args.compare), threads=args.threads,
+        output=Path(args.output), cache=Path(args.peer_cache), seed=args.seed,
+    )  # fmt: skip
+    rows, meta = bench.run(opts)
+    if meta["tp"] == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print(export.table(export.frame(rows)))
+        print("\naverage over the grid (ms):")
+        for engine, figures in meta["grid_average"].items():
+            print(f"  {engine:>14}: first token {figures['TimeOfFirstToken(ms)']:.2f}, "
+                  f"next token {figures['TimePerToken(ms)']:.2f}")
+        stem = Path(args.output).with_suffix("")
+        print(f"wrote {stem}.csv, {stem}.json, {stem}.png")
+
+
+def _perf_parser(sub) -> None:
+    from .bench import DEFAULT_CACHE
+
+    perf = sub.add_parser("perf", help="first/next-token latency over a grid of lengths, vs peers")
+    _runtime_args(perf)
+    perf.add_argument("--batch", type=int, nargs="+", default=[1])
+    perf.add_argument("--seqlen-in-range", type=int, nargs=2, default=[5, 10], metavar=("A", "B"),
+                      help="input lengths 2^A..2^B (default 5 10)")
+    perf.add_argument("--seqlen-out-range", type=int, nargs=2, default=[5, 10], metavar=("A", "B"))
+    perf.add_argument("--seqlen-in-pair", type=int, nargs="+", help="zipped with --seqlen-out-pair")
+    perf.add_argument("--seqlen-out-pair", type=int, nargs="+")
+    perf.add_argument("--warmup", type=int, default=1)
+    perf.add_argument("--repeat", type=int, default=3)
+    perf.add_argument("--compare", nargs="*", default=[], choices=["hf", "ctranslate2"])
+    perf.add_argument("--threads", type=int, default=None, help="CPU threads for every engine")
+    perf.add_argument("--output", default="perf_results.csv", help="FILE.csv or FILE.json (both are written)")
+    perf.add_argument("--peer-cache", default=str(DEFAULT_CACHE),
+                      help="where random presets and CTranslate2 conversions are kept")
+    perf.add_argument("--seed", type=int, default=0)
+    perf.set_defaults(func=cmd_perf)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bloom-runtime", description="BLOOM inference runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(info)
     info.set_defaults(func=cmd_info)
 
+    _perf_parser(sub)
     _weights_parser(sub)
     return parser
 

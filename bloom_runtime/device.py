@@ -52,3 +52,31 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued kernels, so host timers measure finished work."""
     if device.type != "cpu":
         getattr(torch, device.type).synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window: the allocator's on accelerators, RSS on CPU (Linux)."""
+    if device.type != "cpu":
+        getattr(torch, device.type).reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set size
+    except OSError:
+        pass  # not Linux: the peak then covers the whole process
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory since `reset_peak_memory`: allocator peak on accelerators, peak RSS on CPU."""
+    if device.type != "cpu":
+        return int(getattr(torch, device.type).max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -9,6 +9,7 @@ row. Left padding keeps all rows aligned, so one `start` offset serves the batch
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,7 +219,6 @@ class Engine:
         ids, mask = self._check_inputs(input_ids, attention_mask, extra=0)
         return self.model(ids, mask).float().cpu()
 
-    @torch.inference_mode()
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -232,6 +232,30 @@ class Engine:
         seed: int | None = None,
     ) -> torch.Tensor:
         """New tokens [B, max_new_tokens] (CPU int64); after a row's EOS the row holds pad ids."""
+        steps = self.stream(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
+                            top_p, eos_token_id, seed)
+        out = torch.full((torch.as_tensor(input_ids).shape[0], max_new_tokens), self.config.pad_token_id)
+        for step, token in enumerate(steps):
+            out[:, step] = token.cpu()
+        return out
+
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 16,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | None = None,
+        seed: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield each step's new tokens [B] (on the device) as soon as they are chosen.
+
+        Arguments as `generate`; the inputs are checked before the first step.
+        Stops early once every row has produced `eos_token_id`.
+        """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         sampling = Sampling(do_sample, temperature, top_k, top_p)
@@ -241,9 +265,10 @@ class Engine:
             generator = torch.Generator(device=self.device)
             seed = parallel.shared_seed(seed, self.shard)
             generator.manual_seed(seed) if seed is not None else generator.seed()
-        return self._generate(ids, mask, max_new_tokens, sampling, generator, eos_token_id).cpu()
+        return self._steps(ids, mask, max_new_tokens, sampling, generator, eos_token_id)
 
-    def _generate(
+    @torch.inference_mode()
+    def _steps(
         self,
         ids: torch.Tensor,
         mask: torch.Tensor,
@@ -251,26 +276,25 @@ class Engine:
         sampling: Sampling,
         generator: torch.Generator | None,
         eos_token_id: int | None,
-    ) -> torch.Tensor:
+    ) -> Iterator[torch.Tensor]:
         batch, prompt_len = ids.shape
         total = prompt_len + max_new_tokens
         cache = self._kv_cache(batch, total)
         full_mask = torch.ones(batch, total, dtype=mask.dtype, device=self.device)
         full_mask[:, :prompt_len] = mask
-        out = torch.full((batch, max_new_tokens), self.config.pad_token_id, device=self.device)
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         logits = self.model(ids, full_mask[:, :prompt_len], cache, 0, last_only=True)
         for step in range(max_new_tokens):
             token = next_token(logits[:, -1].float(), sampling, generator)
             token = token.masked_fill(done, self.config.pad_token_id)
-            out[:, step] = token
+            yield token
             if eos_token_id is not None:
                 done |= token == eos_token_id
-            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
-                break
-            pos = prompt_len + step
-            logits = self.model(token[:, None], full_mask[:, : pos + 1], cache, pos, last_only=True)
-        return out
+                if bool(done.all()):
+                    return
+            if step + 1 < max_new_tokens:
+                pos = prompt_len + step
+                logits = self.model(token[:, None], full_mask[:, : pos + 1], cache, pos, last_only=True)
 
     def _kv_cache(self, batch: int, length: int) -> KVCache:
         """The cache for this generation, reusing the last one when it is big enough."""

@@ -6,6 +6,7 @@ prompt's last token is the last thing the model saw: generation continues it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -14,6 +15,16 @@ from tokenizers import Tokenizer as _HFTokenizer
 from .errors import CheckpointError, InputError
 
 FILENAME = "tokenizer.json"
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+def write_tokenizer_config(directory: Path) -> None:
+    """The `tokenizer_config.json` BLOOM publishes beside tokenizer.json (special tokens, left
+    padding), so `transformers.AutoTokenizer` and converters such as CTranslate2's read it."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "padding_side": "left",
+              "add_prefix_space": False, **SPECIAL_TOKENS}  # fmt: skip
+    (directory / CONFIG_FILES[0]).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 class Tokenizer:

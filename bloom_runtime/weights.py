@@ -24,6 +24,7 @@ from . import checkpoint, parallel
 from .engine import Engine, ModelSource, load
 from .errors import InputError
 from .quant import QuantSpec, to_quantization_config
+from .tokenizer import CONFIG_FILES as TOKENIZER_CONFIG_FILES
 from .tokenizer import FILENAME as TOKENIZER_FILE
 
 PREFIX = "transformer."
@@ -129,8 +130,9 @@ def _write_manifest(directory: Path, tp: int) -> None:
 
 
 def _copy_tokenizer(source: Path | None, destination: Path) -> None:
-    if source is not None and (source / TOKENIZER_FILE).is_file():
-        shutil.copy2(source / TOKENIZER_FILE, destination / TOKENIZER_FILE)
+    for name in (TOKENIZER_FILE, *TOKENIZER_CONFIG_FILES):
+        if source is not None and (source / name).is_file():
+            shutil.copy2(source / name, destination / name)
 
 
 def checkpoint_bytes(directory: str | os.PathLike) -> int:

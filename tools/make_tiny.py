@@ -23,6 +23,8 @@ from transformers import BloomConfig, BloomForCausalLM
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_corpus import corpus  # noqa: E402
 
+from bloom_runtime.tokenizer import write_tokenizer_config  # noqa: E402
+
 DEFAULT_OUTPUT = Path(__file__).parents[1] / "bloom_runtime" / "assets" / "tiny"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, as in BLOOM
 SHAPE = dict(vocab_size=3000, hidden_size=144, n_layer=4, n_head=6)
@@ -58,6 +60,7 @@ def write(output: Path, force: bool, seed: int) -> None:
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save(str(staging / "tokenizer.json"))
+        write_tokenizer_config(staging)
         # INT8 calibration text: same generator, another seed, so not the tokenizer's own text.
         (staging / "calibration.txt").write_text("".join(corpus(400, seed + 1)), encoding="utf-8")
         if output.exists():
