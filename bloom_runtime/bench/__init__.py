@@ -20,8 +20,6 @@ from tqdm import tqdm
 from .. import device as devices
 from ..engine import ModelSource, load, parse_dtype
 from ..errors import InputError
-from ..tokenizer import FILENAME as TOKENIZER_FILE
-from ..tokenizer import write_tokenizer_config
 from . import export, roofline
 from .cases import Case
 from .metrics import guide_columns, summarize
@@ -180,25 +178,13 @@ def _same_checkpoint(opts: PerfOptions) -> str:
 
 
 def _materialize(model: str, seed: int, target: Path) -> None:
-    """Write a random preset as a float32 HF checkpoint with a placeholder tokenizer (peers need one)."""
+    """Write a random preset as a float32 HF checkpoint (like the preset, with no tokenizer)."""
     from ..weights import staged_output, write_checkpoint
 
     engine = load(model, dtype="float32", seed=seed)
     with staged_output(target, [], force=True) as staging:
         write_checkpoint(engine, staging, None)
-        _placeholder_tokenizer(engine.config.vocab_size, staging / TOKENIZER_FILE)
     del engine
-
-
-def _placeholder_tokenizer(vocab_size: int, path: Path) -> None:
-    """A word-level tokenizer naming id i "t{i}": CTranslate2 takes prompts as token strings."""
-    from tokenizers import Tokenizer, models
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    vocab.update({f"t{i}": i for i in range(len(specials), vocab_size)})
-    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(path))
-    write_tokenizer_config(path.parent)
 
 
 def _peer(name: str, directory: Path, opts: PerfOptions, threads: int):

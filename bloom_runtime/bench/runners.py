@@ -8,6 +8,8 @@ were ready.
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import torch
 
 from ..engine import Engine
 from ..errors import InputError
+from ..tokenizer import FILENAME as TOKENIZER_FILE
+from ..tokenizer import write_tokenizer_config
 
 PEERS = ("hf", "ctranslate2")
 
@@ -104,16 +108,33 @@ class CTranslate2Runner:
 
 
 def _convert(directory: Path, output: Path, compute_type: str) -> None:
+    """Convert once into the cache; a checkpoint without a tokenizer gets a placeholder one."""
     from ctranslate2.converters import TransformersConverter
 
     quantization = "int8" if compute_type.startswith("int8") else compute_type
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(output.name + ".tmp")
-    TransformersConverter(str(directory)).convert(str(staging), quantization=quantization, force=True)
+    with tempfile.TemporaryDirectory(dir=output.parent) as view:
+        source = directory
+        if not (directory / TOKENIZER_FILE).is_file():
+            source = Path(view)
+            for file in directory.iterdir():
+                (source / file.name).symlink_to(file.resolve())
+            _placeholder_tokenizer(json.loads((directory / "config.json").read_text())["vocab_size"], source)
+        TransformersConverter(str(source)).convert(str(staging), quantization=quantization, force=True)
     staging.rename(output)
 
 
-def _vocabulary(converted: Path) -> list[str]:
-    import json
+def _placeholder_tokenizer(vocab_size: int, directory: Path) -> None:
+    """A word-level tokenizer naming id i "t{i}": CTranslate2 takes prompts as token strings."""
+    from tokenizers import Tokenizer, models
 
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab.update({f"t{i}": i for i in range(len(specials), vocab_size)})
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(directory / TOKENIZER_FILE))
+    write_tokenizer_config(directory)
+
+
+def _vocabulary(converted: Path) -> list[str]:
     return json.loads((converted / "vocabulary.json").read_text(encoding="utf-8"))

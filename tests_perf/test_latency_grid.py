@@ -1,0 +1,104 @@
+"""The latency suite: the guide's 2^5..2^10 grid on the embedded model, a reduced grid on
+random:bloom-560m, side by side with the peers. Nothing here asserts a time: only what must
+hold on any machine (every case present, exports valid, figures consistent with each other,
+ratios computed from the same run).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from bloom_runtime import bench
+from bloom_runtime.bench import cases
+from bloom_runtime.bench.metrics import GUIDE_COLUMNS
+
+pytestmark = pytest.mark.perf
+PEERS = ("hf", "ctranslate2") if importlib.util.find_spec("ctranslate2") else ("hf",)
+
+
+def run(tmp_path, name, **kwargs):
+    opts = bench.PerfOptions(output=tmp_path / f"{name}.csv", cache=tmp_path.parent / "peer-cache", **kwargs)
+    rows, meta = bench.run(opts, progress=False)
+    return opts, rows, meta
+
+
+def check_exports(opts, rows, meta, engines):
+    stem = opts.output.with_suffix("")
+    csv = pd.read_csv(stem.with_suffix(".csv"))
+    assert list(csv.columns[: len(GUIDE_COLUMNS)]) == GUIDE_COLUMNS
+    expected = {(e, c.key) for e in engines for c in opts.cases}
+    assert set(zip(csv["engine"], csv["case"])) == expected
+    payload = json.loads(stem.with_suffix(".json").read_text())
+    for key in ("model", "dtype", "quant", "tp", "device", "machine", "versions", "grid_average", "results"):
+        assert key in payload, key
+    assert len(payload["results"]) == len(expected)
+    assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return csv
+
+
+def check_consistency(csv: pd.DataFrame) -> None:
+    for row in csv.to_dict("records"):
+        n = row["OutputSeqLen(Decoding)"]
+        # e2e = first + (n - 1) * next, by the definitions, up to the spread of the repeats
+        predicted = row["mean_ttft_ms"] + (n - 1) * row["mean_tpot_ms"]
+        assert math.isclose(row["mean_e2el_ms"], predicted, rel_tol=1e-6), row["case"]
+        assert math.isclose(row["mean_itl_ms"], row["mean_tpot_ms"], rel_tol=1e-6), row["case"]
+        assert row["median_ttft_ms"] > 0 and row["median_tpot_ms"] > 0
+        assert row["p99_itl_ms"] >= row["median_itl_ms"] - 1e-9
+        assert math.isclose(row["TimeTotal(s)"] * 1e3, row["median_e2el_ms"])
+        assert math.isclose(row["ThroughputE2E(tokens/s)"], row["Batch"] * n / row["TimeTotal(s)"])
+
+
+def check_ratios(csv: pd.DataFrame, peers) -> None:
+    for _, group in csv.groupby("case"):
+        ours = group[group.engine == "bloom-runtime"].iloc[0]
+        for peer in peers:
+            theirs = group[group.engine == peer].iloc[0]
+            for figure in ("tpot", "ttft"):
+                expected = ours[f"median_{figure}_ms"] / theirs[f"median_{figure}_ms"]
+                assert math.isclose(ours[f"ratio_{figure}_vs_{peer}"], expected)
+        assert ours["tpot_x_bandwidth_limit"] > 0 and ours["ttft_x_compute_limit"] > 0
+
+
+def test_full_guide_grid_on_embedded_model_with_peers(tmp_path):
+    grid = cases.from_ranges([1], (5, 10), (5, 10))
+    assert len(grid) == 36
+    opts, rows, meta = run(tmp_path, "tiny", cases=grid, compare=PEERS, warmup=0, repeat=2)
+    csv = check_exports(opts, rows, meta, ("bloom-runtime", *PEERS))
+    check_consistency(csv)
+    check_ratios(csv, PEERS)
+    assert set(meta["grid_average"]) == {"bloom-runtime", *PEERS}
+
+
+def test_reduced_grid_on_bloom_560m_with_peers(tmp_path):
+    grid = cases.from_pairs([1, 2], [32, 64], [8, 8])
+    opts, rows, meta = run(tmp_path, "560m", model="random:bloom-560m", dtype="bfloat16", cases=grid,
+                           compare=PEERS, warmup=1, repeat=2)
+    csv = check_exports(opts, rows, meta, ("bloom-runtime", *PEERS))
+    check_consistency(csv)
+    check_ratios(csv, PEERS)
+
+
+def test_each_case_is_written_when_it_finishes(tmp_path, monkeypatch):
+    from bloom_runtime.bench import runners
+
+    real = runners.OursRunner.arrivals
+    calls = []
+
+    def interrupted(self, ids, seq_out):
+        calls.append(ids.shape[1])
+        if ids.shape[1] == 64:
+            raise KeyboardInterrupt
+        return real(self, ids, seq_out)
+
+    monkeypatch.setattr(runners.OursRunner, "arrivals", interrupted)
+    grid = cases.from_pairs([1], [32, 64], [4, 4])
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "cut", cases=grid, warmup=0, repeat=1)
+    kept = pd.read_csv(tmp_path / "cut.csv")
+    assert list(kept["case"]) == ["b1_in32_out4"]
