@@ -127,7 +127,11 @@ def expected_tensors(config: BloomConfig, spec: QuantSpec | None = None) -> dict
     expected = {name: (shape, FLOAT) for name, shape in parameter_shapes(config).items()}
     if spec is None:
         return expected
-    for module in quantized_linear_names(config.n_layer, spec):
+    int8_modules = quantized_linear_names(config.n_layer, spec)
+    if spec.int8_head:
+        expected["word_embeddings.weight_scale"] = ((config.vocab_size, 1), SCALE)
+        expected["word_embeddings.weight"] = (expected["word_embeddings.weight"][0], INT8)
+    for module in int8_modules:
         out_features = expected[f"{module}.weight"][0][0]
         expected[f"{module}.weight"] = (expected[f"{module}.weight"][0], INT8)
         expected[f"{module}.weight_scale"] = ((out_features, 1), SCALE)

@@ -91,7 +91,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_weights_quant(args: argparse.Namespace) -> None:
     activation = None if args.scheme == "w8a16" else args.activation
     alpha = None if args.no_smooth or activation is None else args.alpha
-    spec = QuantSpec(activation=activation, alpha=alpha, float_layers=tuple(args.float_layers))
+    spec = QuantSpec(activation=activation, alpha=alpha, float_layers=tuple(args.float_layers),
+                     int8_head=activation is None and not args.float_head)
     out = quantize_checkpoint(args.input, args.output, spec, calib_samples=args.calib_samples,
                               calib_data=args.calib_data, dtype=args.dtype, seed=args.seed, force=args.force)
     print(f"wrote {out} ({spec.scheme}, activations {activation or 'float'}, "
@@ -117,6 +118,8 @@ def _weights_parser(sub) -> None:
     quant.add_argument("--no-smooth", action="store_true", help="skip SmoothQuant (as modelslim does)")
     quant.add_argument("--float-layers", type=int, nargs="*", default=[],
                        help="blocks kept in float, e.g. 7 as the guide did for bloom-7b1")
+    quant.add_argument("--float-head", action="store_true",
+                       help="W8A16: keep the tied embedding/head in float (default: int8, per row)")
     quant.add_argument("--calib-samples", type=int, default=16, help="128-token calibration windows")
     quant.add_argument("--calib-data", default=None, help="a UTF-8 text file (default: embedded text)")
     quant.add_argument("--dtype", default="float32", choices=sorted(DTYPES),

@@ -171,6 +171,10 @@ def build_model(
             parallel.shard_skeleton(model, shard)
         if spec is not None:
             replace_linears(model, spec, lambda _name, linear: int8_skeleton(linear, spec))
+        if spec is not None and spec.int8_head:
+            rows = model.word_embeddings.weight.shape[0]
+            model.word_embeddings.to_int8(torch.empty(rows, config.hidden_size, dtype=torch.int8),
+                                          torch.empty(rows, 1), compute_dtype=state["ln_f.weight"].dtype)
     model.load_state_dict(state, strict=True, assign=True)
     device = next(iter(state.values())).device
     model.slopes = alibi_slopes(config.n_head).chunk(shard.world)[shard.rank].to(device)
@@ -209,7 +213,7 @@ class Engine:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.word_embeddings.weight.dtype
+        return self.model.ln_f.weight.dtype  # the embedding may be int8
 
     @torch.inference_mode()
     def logits(

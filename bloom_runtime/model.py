@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BloomConfig
+from .kernels import weight_only_matmul
 from .kv_cache import KVCache
 
 
@@ -120,17 +121,35 @@ class Block(nn.Module):
 
 
 class TiedEmbedding(nn.Module):
-    """The token embedding, which BLOOM also uses as its output projection."""
+    """The token embedding, which BLOOM also uses as its output projection.
+
+    Float, or int8 with one scale per vocabulary row (`to_int8`): the head is
+    the largest matrix a decode step reads, so weight-only int8 halves (bf16)
+    or quarters (fp32) its cost; lookups dequantize just the rows they take.
+    """
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self.weight_scale: nn.Parameter | None = None
+        self.compute_dtype: torch.dtype | None = None  # what int8 rows dequantize to
+
+    def to_int8(self, weight: torch.Tensor, weight_scale: torch.Tensor, compute_dtype: torch.dtype) -> None:
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale = nn.Parameter(weight_scale, requires_grad=False)
+        self.compute_dtype = compute_dtype
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        rows = F.embedding(input_ids, self.weight)
+        if self.weight_scale is None:
+            return rows
+        scales = F.embedding(input_ids, self.weight_scale)
+        return rows.to(self.compute_dtype) * scales.to(self.compute_dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        if self.weight_scale is None:
+            return F.linear(x, self.weight)
+        return weight_only_matmul(x, self.weight, self.weight_scale)
 
 
 class Bloom(nn.Module):

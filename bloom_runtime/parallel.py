@@ -118,9 +118,10 @@ def shard_tensor(name: str, tensor: torch.Tensor, shard: Shard) -> torch.Tensor:
         return tensor.chunk(world, dim=1)[rank].clone()
     if rule == "bias-once":
         return tensor.clone() if rank == 0 else torch.zeros_like(tensor)
-    if rule == "vocab":
+    if rule == "vocab":  # padding rows are zero (with scale 1, so int8 scales stay valid)
         rows = -(-tensor.shape[0] // world)
-        padded = F.pad(tensor, (0, 0, 0, rows * world - tensor.shape[0]))
+        fill = 1.0 if name.endswith("weight_scale") else 0.0
+        padded = F.pad(tensor, (0, 0, 0, rows * world - tensor.shape[0]), value=fill)
         return padded[rank * rows : (rank + 1) * rows].clone()
     return tensor
 
@@ -139,13 +140,13 @@ class VocabParallelEmbedding(TiedEmbedding):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = super().forward(local.masked_fill(outside, 0))
         out = out.masked_fill(outside[..., None], 0.0)
         dist.all_reduce(out)
         return out
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        local = F.linear(x, self.weight)
+        local = super().logits(x)
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, local.contiguous())
         return torch.cat(parts, dim=-1)[..., : self.vocab_size]

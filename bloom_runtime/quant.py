@@ -18,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .calibration import collect
 from .errors import ConfigError, InputError
+from .kernels import int8_matmul, weight_only_matmul
 
 QUANT_NAMES = ("w8a8", "w8a8-static", "w8a16")
 ACTIVATIONS = ("dynamic", "static", "static-asym")
@@ -40,6 +40,7 @@ class QuantSpec:
     activation: str | None = "dynamic"
     alpha: float | None = 0.5  # SmoothQuant migration strength; None = no smoothing
     float_layers: tuple[int, ...] = ()  # blocks kept entirely in float
+    int8_head: bool = False  # the tied embedding/head in weight-only int8 too
 
     def __post_init__(self) -> None:
         if self.activation is not None and self.activation not in ACTIVATIONS:
@@ -61,7 +62,7 @@ class QuantSpec:
     def from_name(cls, name: str) -> QuantSpec:
         """The spec behind `load(quant=...)`: w8a8, w8a8-static, w8a16."""
         if name == "w8a16":
-            return cls(activation=None, alpha=None)
+            return cls(activation=None, alpha=None, int8_head=True)
         if name == "w8a8":
             return cls(activation="dynamic")
         if name == "w8a8-static":
@@ -90,29 +91,8 @@ class Int8WeightOnlyLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] <= INT8PACK_MAX_ROWS and _int8pack_supports(x):
-            # aten's int8 weight-pack kernel: reads int8 weights, scales per channel in the kernel.
-            scale = self.weight_scale.view(-1).to(x.dtype)
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, scale).view(*x.shape[:-1], -1)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.view(-1).to(x.dtype)
+        y = weight_only_matmul(x, self.weight, self.weight_scale)
         return y if self.bias is None else y + self.bias
-
-
-# aten's int8 weight-pack kernel is a matrix-vector kernel: on a Xeon with AMX it beats
-# bfloat16 up to ~8 rows and loses 4x at 64 (prefill), where dequantize + GEMM wins.
-INT8PACK_MAX_ROWS = 8
-
-
-def _int8pack_supports(x: torch.Tensor) -> bool:
-    """Where `_weight_int8pack_mm` is safe: CPU, and for bfloat16 an input width divisible by 16.
-
-    In torch 2.13 its bfloat16 CPU kernel segfaults on other widths (seen at
-    K=72, a tensor-parallel slice of a 144-wide model); real BLOOM widths are
-    multiples of 16 per rank, so only toy shapes take the fallback.
-    """
-    return x.device.type == "cpu" and (x.dtype != torch.bfloat16 or x.shape[-1] % 16 == 0)
 
 
 class Int8Linear(nn.Module):
@@ -168,18 +148,6 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 [m, k] @ int8 [k, n] -> int32, on `torch._int_mm`.
-
-    CUDA's kernel wants m > 16, so small batches (decode) are padded there.
-    """
-    m = a.shape[0]
-    if a.device.type == "cuda" and m <= 16:
-        a = F.pad(a, (0, 0, 0, 17 - m))
-        return torch._int_mm(a, b)[:m]
-    return torch._int_mm(a, b)
-
-
 def static_input_params(
     low: torch.Tensor, high: torch.Tensor, asymmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -214,7 +182,8 @@ def quantized_linear_names(n_layer: int, spec: QuantSpec) -> list[str]:
 
 def ignored_names(n_layer: int, spec: QuantSpec) -> list[str]:
     """What stays float, named as compressed-tensors' `ignore` names it."""
-    return ["lm_head"] + [f"transformer.h.{i}.{linear}" for i in spec.float_layers for linear in LINEARS]
+    head = [] if spec.int8_head else ["lm_head"]
+    return head + [f"transformer.h.{i}.{linear}" for i in spec.float_layers for linear in LINEARS]
 
 
 @torch.no_grad()
@@ -238,6 +207,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calib_ids: torch.Tensor | 
     if spec.activation in ("static", "static-asym"):
         stats = collect(model, calib_ids, targets)
     replace_linears(model, spec, lambda name, linear: _int8_module(linear, spec, stats.get(name)))
+    if spec.int8_head:
+        embedding = model.word_embeddings
+        embedding.to_int8(*quantize_weight(embedding.weight), compute_dtype=embedding.weight.dtype)
 
 
 def _smooth(model: nn.Module, spec: QuantSpec, calib_ids: torch.Tensor) -> None:
@@ -298,7 +270,8 @@ def to_quantization_config(spec: QuantSpec, n_layer: int, **provenance) -> dict:
         "format": "naive-quantized" if spec.activation is None else "int-quantized",
         "quantization_status": "compressed",
         "config_groups": {
-            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}
+            "group_0": {"targets": ["Linear", "Embedding"] if spec.int8_head else ["Linear"],
+                        "weights": weights, "input_activations": activations}
         },
         "ignore": ignored_names(n_layer, spec),
         "bloom_runtime": {"smoothquant_alpha": spec.alpha, **provenance},
@@ -327,4 +300,5 @@ def spec_from_quantization_config(raw: dict, n_layer: int, source: str) -> Quant
     ignored = set(raw.get("ignore", []))
     float_layers = tuple(i for i in range(n_layer) if f"transformer.h.{i}.{LINEARS[0]}" in ignored)
     alpha = raw.get("bloom_runtime", {}).get("smoothquant_alpha")
-    return QuantSpec(activation=activation, alpha=alpha, float_layers=float_layers)
+    return QuantSpec(activation=activation, alpha=alpha, float_layers=float_layers,
+                     int8_head="lm_head" not in ignored)

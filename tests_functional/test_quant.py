@@ -23,7 +23,7 @@ from bloom_runtime.quant import Int8Linear, Int8WeightOnlyLinear, QuantSpec, qua
 FIELDS = dict(n_head=4, hidden_size=128, n_layer=4, vocab_size=1001)
 MODELSLIM = QuantSpec(activation="static-asym", alpha=None, float_layers=(1,))  # the guide's recipe
 BOUNDS = {  # name: (spec, min top-1, max KL)          measured top-1 / KL
-    "w8a16": (QuantSpec.from_name("w8a16"), 0.95, 0.02),  # 0.966 / 0.0094
+    "w8a16": (QuantSpec.from_name("w8a16"), 0.93, 0.025),  # 0.949 / 0.0133 (int8 head)
     "w8a8": (QuantSpec.from_name("w8a8"), 0.90, 0.04),  # 0.926 / 0.021
     "w8a8-static": (QuantSpec.from_name("w8a8-static"), 0.90, 0.06),  # 0.954 / 0.035
     "modelslim": (MODELSLIM, 0.85, 0.08),  # 0.903 / 0.042
@@ -90,10 +90,13 @@ def test_w8a16_equals_dequantized_weight_math():
     linear = torch.nn.Linear(64, 48)
     q, scale = quantize_weight(linear.weight)
     module = Int8WeightOnlyLinear(q, scale, linear.bias.detach())
-    x = torch.randn(3, 7, 64)
-    expected = x @ (q.float() * scale).t() + linear.bias
-    assert torch.allclose(module(x), expected, rtol=1e-5, atol=1e-5)
-    assert module.weight.dtype == torch.int8
+    prefill, decode = torch.randn(3, 7, 64), torch.randn(2, 1, 64)
+    assert torch.allclose(module(prefill), prefill @ (q.float() * scale).t() + linear.bias, atol=1e-5)
+    # "A16": decode rows are multiplied in bfloat16, so expect their bfloat16 rounding.
+    expected = decode.bfloat16().float() @ (q.float() * scale).t() + linear.bias
+    y = module(decode)
+    assert y.dtype == torch.float32 and module.weight.dtype == torch.int8
+    assert float((y - expected).abs().max() / expected.abs().max()) < 1e-2
 
 
 @pytest.mark.parametrize("width", [72, 144])
@@ -132,7 +135,7 @@ def test_calibration_is_reproducible(checkpoint):
 @pytest.mark.parametrize("args, spec", [
     (["--scheme", "w8a8"], QuantSpec("dynamic")),
     (["--scheme", "w8a8", "--activation", "static"], QuantSpec("static")),
-    (["--scheme", "w8a16"], QuantSpec(None, None)),
+    (["--scheme", "w8a16"], QuantSpec(None, None, int8_head=True)),
     (["--activation", "static-asym", "--no-smooth", "--float-layers", "1"],
      QuantSpec("static-asym", None, (1,))),
 ])  # fmt: skip

@@ -50,7 +50,7 @@ def weight_bytes(model: Bloom) -> int:
 
 def kv_bytes(model: Bloom, batch: int, length: int) -> int:
     """Bytes of cached keys and values a step attends over."""
-    cfg, elem = model.config, model.word_embeddings.weight.element_size()
+    cfg, elem = model.config, model.ln_f.weight.element_size()
     return 2 * cfg.n_layer * batch * length * cfg.hidden_size * elem
 
 
