@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .. import device as devices
 from ..engine import ModelSource, load, parse_dtype
 from ..errors import InputError
+from ..parallel import world_from_env
 from . import export, roofline
 from .cases import Case
 from .metrics import guide_columns, summarize
@@ -51,6 +52,8 @@ def run(opts: PerfOptions, progress: bool = True) -> tuple[list[dict], dict]:
     unknown = set(opts.compare) - set(PEERS)
     if unknown:
         raise InputError(f"--compare {' '.join(sorted(unknown))}: peers are {', '.join(PEERS)}")
+    if opts.compare and world_from_env() > 1:
+        raise InputError("--compare runs the peers on one device: leave it out under torchrun")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     threads = torch.get_num_threads()
