@@ -108,6 +108,15 @@ class Int8Linear(nn.Module):
     """
 
     reduce_absmax = None
+    _row_sums: torch.Tensor | None = None
+
+    def _weight_row_sums(self) -> torch.Tensor:
+        """sum_k q[n, k] in int32, computed on first use: re-summing the weight every call
+        would read it twice per matmul. Computed lazily because checkpoints assign the
+        weight after construction; inference never changes it."""
+        if self._row_sums is None:
+            self._row_sums = self.weight.sum(dim=1, dtype=torch.int32)
+        return self._row_sums
 
     def __init__(
         self,
@@ -141,7 +150,7 @@ class Int8Linear(nn.Module):
         q = q.clamp(-128, 127).to(torch.int8)
         acc = int8_matmul(q, self.weight.t())
         if self.input_zero_point is not None:
-            acc = acc - self.input_zero_point.int() * self.weight.sum(dim=1, dtype=torch.int32)
+            acc = acc - self.input_zero_point.int() * self._weight_row_sums()
         y = acc.float() * (scale * self.weight_scale.view(-1))
         if self.bias is not None:
             y = y + self.bias.float()
