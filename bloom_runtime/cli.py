@@ -182,6 +182,57 @@ def _perf_parser(sub) -> None:
     perf.set_defaults(func=cmd_perf)
 
 
+def cmd_precision(args: argparse.Namespace) -> None:
+    from . import ceval
+
+    engine = load(args.model, dtype=args.dtype, device=args.device, quant=args.quant)
+    run = {"model": args.model, "dtype": args.dtype, "quant": args.quant, "tp": engine.shard.world}
+    result = ceval.evaluate(engine, args.dataset_path, method=args.method, shots=args.shots, batch=args.batch,
+                            output_dir=args.output_dir, run=run, force=args.force, subjects=args.subjects)
+    if engine.shard.rank != 0:
+        return
+    from .ceval.report import category_table
+
+    classes = result.classes
+    print(category_table(classes))
+    unfit = classes["unfit"]
+    print(f"{classes['questions']} questions, method {args.method} "
+          f"({classes['aggregation']} under the guide's keys)"
+          + (f"; {len(unfit)} did not fit and count as wrong: {', '.join(unfit)}" if unfit else ""))
+    print(f"wrote {Path(args.output_dir) / 'result_classes_acc.json'} and the per-subject results beside it")
+    if args.diff:
+        _print_diff(Path(args.diff), Path(args.output_dir))
+
+
+def _print_diff(other: Path, ours: Path) -> None:
+    from .ceval import diff
+
+    changed = diff(other, ours)
+    print(f"{len(changed)} question(s) answered differently from {other}")
+    for theirs, mine in changed:
+        mark = "fixed" if mine.correct else "broken" if theirs.correct else "still wrong"
+        print(f"  {mine.subject}/{mine.id}: {theirs.choice} -> {mine.choice} (answer {mine.answer}, {mark})")
+
+
+def _precision_parser(sub) -> None:
+    prec = sub.add_parser("precision", help="C-Eval accuracy (default: the embedded model and exam)")
+    _runtime_args(prec)
+    prec.add_argument("--dataset-path", default=None,
+                      help="directory with ceval-exam/ and subject_mapping.json (default: the embedded exam)")
+    prec.add_argument("--shots", type=int, default=5, help="dev examples before each question (0..5)")
+    prec.add_argument("--method", default="ceval", choices=["ceval", "atb"],
+                      help="ceval: official answer-only logits; atb: the guide's evaluator (generation)")
+    prec.add_argument("--batch", type=int, default=8)
+    prec.add_argument("--output-dir", default="test_result",
+                      help="results and the per-question record a rerun resumes from")
+    prec.add_argument("--subjects", nargs="+", default=None, help="score only these subjects")
+    prec.add_argument("--force", action="store_true",
+                      help="discard a record in --output-dir left by a run with other settings")
+    prec.add_argument("--diff", default=None, metavar="OTHER_OUTPUT_DIR",
+                      help="afterwards, list the questions answered differently from that run")
+    prec.set_defaults(func=cmd_precision)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bloom-runtime", description="BLOOM inference runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     _perf_parser(sub)
+    _precision_parser(sub)
     _weights_parser(sub)
     return parser
 

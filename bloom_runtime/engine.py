@@ -223,6 +223,15 @@ class Engine:
         ids, mask = self._check_inputs(input_ids, attention_mask, extra=0)
         return self.model(ids, mask).float().cpu()
 
+    @torch.inference_mode()
+    def next_token_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [B, V] in float32 on the CPU at the last position only: what scoring a
+        prompt's next token needs, without a [B, S, V] tensor (1 GB at 250k vocab, 1k tokens)."""
+        ids, mask = self._check_inputs(input_ids, attention_mask, extra=0)
+        return self.model(ids, mask, last_only=True)[:, -1].float().cpu()
+
     def generate(
         self,
         input_ids: torch.Tensor,

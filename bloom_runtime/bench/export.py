@@ -7,12 +7,11 @@ mid-write still leaves the last complete export.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from ..files import replace_atomically
 from .metrics import GUIDE_COLUMNS
 
 ID_COLUMNS = ["engine", "case"]
@@ -27,25 +26,13 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     return df[GUIDE_COLUMNS + ID_COLUMNS + rest]
 
 
-def _replace(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_csv(df: pd.DataFrame, path: Path) -> None:
-    _replace(path, lambda tmp: df.to_csv(tmp, index=False))
+    replace_atomically(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def write_json(df: pd.DataFrame, meta: dict, path: Path) -> None:
     payload = {**meta, "results": json.loads(df.to_json(orient="records"))}
-    _replace(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
 
 
 def write_plot(df: pd.DataFrame, path: Path, title: str) -> None:
@@ -68,7 +55,7 @@ def write_plot(df: pd.DataFrame, path: Path, title: str) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    _replace(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 

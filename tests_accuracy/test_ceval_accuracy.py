@@ -1,0 +1,172 @@
+"""C-Eval accuracy of every path, against the thresholds table, and proof the suite can fail.
+
+On the embedded model and exam (480 val questions, 5-shot), each path must reach
+its floor and stay within its maximum drop of float32; the float32 choices must
+be transformers' choices; and a broken prompt, a shifted answer token or a
+shuffled key must pull the score toward chance. With --model-path and
+--ceval-path, the bloom-7b1 rows check the reference guide's figures.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from distributed import run_ranks
+from thresholds import Threshold, load
+from transformers import BloomForCausalLM
+
+import bloom_runtime as br
+from bloom_runtime import ceval
+from bloom_runtime.ceval import prompts, scoring
+from bloom_runtime.ceval.dataset import LETTERS
+from bloom_runtime.config import PRESETS, BloomConfig
+from bloom_runtime.engine import TINY_DIR
+
+pytestmark = pytest.mark.accuracy
+
+TINY = load("tiny")
+REAL = load("bloom-7b1")
+SABOTAGE_MARGIN = 0.3  # a broken scorer must lose at least this much of Avg
+NEAR_TIE = 1e-4  # float32 runtime vs transformers may differ only where top-2 probs are this close
+
+
+def _evaluate(model, dtype: str, quant: str | None, method: str, dataset=None, device: str = "cpu"):
+    engine = br.load(model, dtype=dtype, quant=quant, device=device)
+    return ceval.evaluate(engine, dataset, method=method, progress=False)
+
+
+def _tp_rank(dtype: str, quant: str | None, method: str):
+    result = _evaluate("tiny", dtype, quant, method)
+    return result.classes["Avg"], [p.choice for p in result.predictions]
+
+
+class Runs:
+    """Each path evaluated once per session, on first use."""
+
+    def __init__(self) -> None:
+        self.done: dict[tuple, tuple[float, list[str | None]]] = {}
+
+    def get(self, key: tuple) -> tuple[float, list[str | None]]:
+        if key not in self.done:
+            model, method, dtype, quant, tp = key
+            if tp == 1:
+                result = _evaluate(model, dtype, quant, method)
+                self.done[key] = (result.classes["Avg"], [p.choice for p in result.predictions])
+            else:
+                (status, value), *_ = run_ranks(_tp_rank, tp, dtype, quant, method)
+                assert status == "ok", value
+                self.done[key] = value
+        return self.done[key]
+
+
+@pytest.fixture(scope="session")
+def runs() -> Runs:
+    return Runs()
+
+
+@pytest.fixture(scope="session")
+def float32_result():
+    return _evaluate("tiny", "float32", None, "ceval")
+
+
+@pytest.mark.parametrize("row", TINY, ids=lambda r: r.label)
+def test_embedded_path_meets_floor_and_stays_near_float(row: Threshold, runs: Runs):
+    accuracy, choices = runs.get(row.key)
+    baseline, baseline_choices = runs.get(row.baseline)
+    assert accuracy >= row.min_accuracy, f"{row.label}: Avg {accuracy:.4f} < floor {row.min_accuracy}"
+    assert abs(accuracy - baseline) <= row.max_drop + 1e-9, (
+        f"{row.label}: Avg {accuracy:.4f} vs {baseline:.4f} at {row.baseline_dtype}: "
+        f"moved {abs(accuracy - baseline):.4f} > {row.max_drop}")
+    if row.tp > 1:  # TP=2 is the same computation: the same answers, not just the same score
+        assert choices == runs.get((*row.key[:4], 1))[1]
+
+
+def test_float32_choices_equal_transformers(float32_result):
+    """The same prompts through BloomForCausalLM: every choice the same, except at near-ties."""
+    exam = ceval.load_exam(ceval.EMBEDDED_EXAM)
+    engine = br.load()
+    letters = scoring.letter_ids(engine)
+    reference = BloomForCausalLM.from_pretrained(TINY_DIR).eval()
+    texts = [prompts.ceval_prompt(exam.subjects[name], exam.dev[name], q)
+             for name, qs in exam.questions.items() for q in qs]
+    probs = []
+    for start in range(0, len(texts), 16):
+        ids, mask = engine.tokenizer.encode_batch(texts[start : start + 16])
+        with torch.no_grad():
+            logits = reference(input_ids=ids, attention_mask=mask).logits[:, -1, letters]
+        probs.append(logits.softmax(-1))
+    probs = torch.cat(probs)
+    ours = float32_result.predictions
+    assert len(ours) == len(texts) == 480
+    differ = [i for i, p in enumerate(ours) if p.choice != LETTERS[int(probs[i].argmax())]]
+    ties = [i for i in differ if float(probs[i].topk(2).values.diff().abs()) < NEAR_TIE]
+    assert differ == ties, f"{len(differ) - len(ties)} choices differ from transformers away from ties"
+    ours_probs = torch.tensor([p.probs for p in ours])
+    assert torch.allclose(ours_probs, probs, atol=1e-5)
+
+
+def test_shuffled_answer_key_scores_near_chance(float32_result):
+    preds = float32_result.predictions
+    key = [p.answer for p in preds]
+    random.Random(0).shuffle(key)
+    shuffled = sum(p.choice == k for p, k in zip(preds, key)) / len(preds)
+    assert shuffled <= float32_result.classes["Avg"] - SABOTAGE_MARGIN
+    assert shuffled <= 0.40
+
+
+def test_shifted_answer_token_lowers_the_score(float32_result, monkeypatch):
+    """Reading the logits of the next letter along (B for A, ...) must not score."""
+    real = scoring.letter_ids
+    monkeypatch.setattr(ceval, "letter_ids", lambda engine: [i + 1 for i in real(engine)])
+    broken = _evaluate("tiny", "float32", None, "ceval")
+    assert broken.classes["Avg"] <= float32_result.classes["Avg"] - SABOTAGE_MARGIN
+
+
+@pytest.mark.parametrize("template", ["no answer cue", "trailing space"])
+def test_wrong_prompt_template_lowers_the_score(float32_result, monkeypatch, template):
+    """The two classic template slips: the question not ending in 答案：, and a space after it."""
+    def no_cue(subject, shots, question):
+        return prompts.ceval_prompt(subject, shots, question).removesuffix("答案：")
+
+    def trailing_space(subject, shots, question):
+        return prompts.ceval_prompt(subject, shots, question) + " "
+
+    broken_prompt = {"no answer cue": no_cue, "trailing space": trailing_space}[template]
+    monkeypatch.setitem(prompts.PROMPTS, "ceval", broken_prompt)
+    broken = _evaluate("tiny", "float32", None, "ceval")
+    assert broken.classes["Avg"] <= float32_result.classes["Avg"] - SABOTAGE_MARGIN
+
+
+# --- a real bloom-7b1 and the real C-Eval, when given ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def real_inputs(request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    model, data = request.config.getoption("--model-path"), request.config.getoption("--ceval-path")
+    if model is None or data is None:
+        pytest.skip("needs --model-path (bloom-7b1) and --ceval-path (ceval-exam/ + subject_mapping.json)")
+    config = BloomConfig.from_json(Path(model) / "config.json")
+    preset = PRESETS["bloom-7b1"]
+    if (config.hidden_size, config.n_layer) != (preset.hidden_size, preset.n_layer):
+        pytest.skip(f"{model} is not bloom-7b1: the guide's figures are for bloom-7b1")
+    return Path(model), Path(data)
+
+
+@pytest.fixture(scope="session")
+def real_runs() -> dict:
+    return {}
+
+
+@pytest.mark.parametrize("row", REAL, ids=lambda r: r.label)
+def test_bloom_7b1_matches_the_guide(row: Threshold, real_inputs, real_runs: dict, device: str):
+    model, data = real_inputs
+    for key in (row.baseline, row.key):
+        if key not in real_runs:
+            _, method, dtype, quant, _ = key
+            real_runs[key] = _evaluate(model, dtype, quant, method, data, device).classes["Avg"]
+    accuracy, baseline = real_runs[row.key], real_runs[row.baseline]
+    assert accuracy >= row.min_accuracy
+    assert abs(accuracy - baseline) <= row.max_drop + 1e-9
