@@ -195,3 +195,12 @@ def test_precision_cli_bad_dataset_is_one_line(tmp_path, capsys):
     assert main(["precision", "--dataset-path", str(tmp_path), "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "subject_mapping.json: not found" in err
+
+
+def test_precision_cli_diff_lists_changed_answers(tmp_path, capsys):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(["precision", "--subjects", "law", "--output-dir", str(first)]) == 0
+    assert main(["precision", "--subjects", "law", "--shots", "0", "--output-dir", str(second),
+                 "--diff", str(first)]) == 0
+    changed = cache.diff(first, second)
+    assert f"{len(changed)} question(s) answered differently from {first}" in capsys.readouterr().out

@@ -76,20 +76,20 @@ def _plot(table: pd.DataFrame, classes: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    ordered = table.sort_values(["category", "subject"])
+    ordered = table.assign(order=table["category"].map(CATEGORIES.index)).sort_values(["order", "subject"])
     colours = dict(zip(CATEGORIES, plt.get_cmap("tab10").colors))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(ordered) + 2), 4.5))
     ax.bar(ordered["subject"], ordered["accuracy"], color=[colours[c] for c in ordered["category"]])
-    ax.axhline(0.25, color="grey", linestyle=":", label="chance (0.25)")
-    ax.axhline(classes["Avg"], color="black", linestyle="--", label=f"Avg {classes['Avg']:.3f}")
-    for category, colour in colours.items():
-        ax.bar([], [], color=colour, label=category)
-    ax.set_ylim(0, 1)
+    chance = ax.axhline(0.25, color="grey", linestyle=":", label="chance (0.25)")
+    avg = ax.axhline(classes["Avg"], color="black", linestyle="--", label=f"Avg {classes['Avg']:.3f}")
+    handles = [Patch(color=colour, label=category) for category, colour in colours.items()]
+    ax.legend(handles=[*handles, chance, avg], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
     ax.set_title(f"C-Eval ({classes['run'].get('method')}, {classes['run'].get('model')})")
     ax.tick_params(axis="x", labelrotation=90, labelsize=7)
-    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
