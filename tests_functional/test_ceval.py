@@ -37,22 +37,19 @@ def write_exam(root, rows: dict[str, list[list[str]]], mapping: dict | None = No
     return root
 
 
-def test_ceval_prompt_is_the_official_answer_only_format():
+@pytest.mark.parametrize("build, header, cue", [
+    (ceval_prompt, "以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。", ("答案：", "答案：")),
+    (atb_prompt, "The following are multiple choice questions (with answers) about computer network.",
+     ("Answer: ", "Answer:")),
+])
+def test_prompts_are_built_character_for_character(build, header, cue):
+    """C-Eval's answer-only prompt, and the MMLU-style one of the guide's evaluator."""
     expected = (
-        "以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\n\n"
-        "下列哪个是协议？\nA. TCP\nB. CPU\nC. RAM\nD. GPU\n答案：A\n\n"
-        "1+1=？\nA. 1\nB. 2\nC. 3\nD. 4\n答案："
+        f"{header}\n\n"
+        f"下列哪个是协议？\nA. TCP\nB. CPU\nC. RAM\nD. GPU\n{cue[0]}A\n\n"
+        f"1+1=？\nA. 1\nB. 2\nC. 3\nD. 4\n{cue[1]}"
     )
-    assert ceval_prompt(SUBJECT, [Q1], Q2) == expected
-
-
-def test_atb_prompt_is_mmlu_style():
-    expected = (
-        "The following are multiple choice questions (with answers) about computer network.\n\n"
-        "下列哪个是协议？\nA. TCP\nB. CPU\nC. RAM\nD. GPU\nAnswer: A\n\n"
-        "1+1=？\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:"
-    )
-    assert atb_prompt(SUBJECT, [Q1], Q2) == expected
+    assert build(SUBJECT, [Q1], Q2) == expected
 
 
 def test_fit_shots_drops_shots_until_the_prompt_fits():
@@ -204,3 +201,16 @@ def test_precision_cli_diff_lists_changed_answers(tmp_path, capsys):
                  "--diff", str(first)]) == 0
     changed = cache.diff(first, second)
     assert f"{len(changed)} question(s) answered differently from {first}" in capsys.readouterr().out
+
+
+def test_ceval_drops_shots_to_fit_the_context():
+    """With a 150-token context, 5-shot prompts (about 290 tokens) must shed shots, not fail."""
+    result = ceval.evaluate(br.load(max_seq_len=150), subjects=["law"], progress=False)
+    shots = {p.shots for p in result.predictions}
+    assert shots and max(shots) < 5 and min(shots) >= 0 and not result.classes["unfit"]
+    engine = br.load(max_seq_len=150)
+    exam = ceval.load_exam(ceval.EMBEDDED_EXAM, subjects=["law"])
+    for p in result.predictions[:3]:
+        q = next(q for q in exam.questions["law"] if q.id == p.id)
+        longer = ceval_prompt(exam.subjects["law"], exam.dev["law"][: p.shots + 1], q)
+        assert len(engine.tokenizer.encode(longer)) > 150
