@@ -105,7 +105,7 @@ def test_float32_choices_equal_transformers(float32_result):
     ties = [i for i in differ if float(probs[i].topk(2).values.diff().abs()) < NEAR_TIE]
     assert differ == ties, f"{len(differ) - len(ties)} choices differ from transformers away from ties"
     ours_probs = torch.tensor([p.probs for p in ours])
-    assert torch.allclose(ours_probs, probs, atol=1e-5)
+    assert torch.allclose(ours_probs, probs, atol=5e-5)  # measured: 6.8e-6
 
 
 def test_shuffled_answer_key_scores_near_chance(float32_result):
