@@ -54,8 +54,8 @@ def test_prompts_are_built_character_for_character(build, header, cue):
 
 def test_fit_shots_drops_shots_until_the_prompt_fits():
     build = lambda k: "x" * (10 + 5 * k)  # noqa: E731
-    assert fit_shots(build, len, 5, 0, 100) == ("x" * 35, 5)
-    assert fit_shots(build, len, 5, 0, 24) == ("x" * 20, 2)
+    assert fit_shots(build, len, 5, 0, 100) == ("x" * 35, 35, 5)
+    assert fit_shots(build, len, 5, 0, 24) == ("x" * 20, 20, 2)
     assert fit_shots(build, len, 5, 1, 12) is None
 
 

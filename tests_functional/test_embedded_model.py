@@ -37,7 +37,7 @@ def test_tokenizer_round_trips_and_answer_letters_are_single_tokens():
 
 def _train(out: Path, steps: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "tools" / "train_tiny.py"), "--output", str(out),
-                           "--steps", str(steps), "--eval-questions", "2"],
+                           "--steps", str(steps)],
                           capture_output=True, text=True)
 
 

@@ -31,7 +31,9 @@ from transformers import BloomConfig, BloomForCausalLM
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_exam import LETTERS, SUBJECTS, Fact, make_facts, wordings, write_exam  # noqa: E402
 
-from bloom_runtime.ceval.dataset import Question, Subject, load_exam  # noqa: E402
+import bloom_runtime as br  # noqa: E402
+from bloom_runtime import ceval  # noqa: E402
+from bloom_runtime.ceval.dataset import Question, Subject  # noqa: E402
 from bloom_runtime.ceval.prompts import atb_prompt, ceval_prompt  # noqa: E402
 from bloom_runtime.tokenizer import write_tokenizer_config  # noqa: E402
 
@@ -118,25 +120,18 @@ def new_model(vocab_size: int, seed: int) -> BloomForCausalLM:
     return BloomForCausalLM(config)
 
 
-def val_accuracy(model: BloomForCausalLM, tokenizer: Tokenizer, exam_root: Path, per_subject: int) -> float:
-    """5-shot answer-only accuracy on the first `per_subject` val questions of each subject."""
-    exam = load_exam(exam_root)
-    letter_ids = [_single_id(tokenizer, x) for x in LETTERS]
-    correct = total = 0
-    model.eval()
-    with torch.no_grad():
-        for name, questions in exam.questions.items():
-            prompts = [tokenizer.encode(ceval_prompt(exam.subjects[name], exam.dev[name], q)).ids
-                       for q in questions[:per_subject]]
-            width = max(map(len, prompts))
-            ids = torch.tensor([[3] * (width - len(p)) + p for p in prompts])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, -1, letter_ids]
-            chosen = [LETTERS[i] for i in logits.argmax(-1).tolist()]
-            correct += sum(c == q.answer for c, q in zip(chosen, questions))
-            total += len(prompts)
-    model.train()
-    return correct / total
+def save(model: BloomForCausalLM, tokenizer: Tokenizer, directory: Path) -> None:
+    """The checkpoint as the runtime and transformers read it: weights, tokenizer, its config."""
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    write_tokenizer_config(directory)
+
+
+def val_accuracy(model: BloomForCausalLM, tokenizer: Tokenizer, directory: Path) -> float:
+    """5-shot C-Eval Avg on the val split, scored by the runtime itself (`bloom-runtime precision`)
+    from a checkpoint saved into `directory`, beside the exam."""
+    save(model, tokenizer, directory)
+    return ceval.evaluate(br.load(directory), directory / "ceval", progress=False).classes["Avg"]
 
 
 def train(model, batches: Batches, steps: int, lr: float, evaluate, eval_every: int) -> list[tuple]:
@@ -162,7 +157,7 @@ def train(model, batches: Batches, steps: int, lr: float, evaluate, eval_every: 
         bar.set_postfix(loss=f"{running:.3f}")
         if step % eval_every == 0 or step == steps:
             curve.append((step, running, evaluate(model)))
-            tqdm.write(f"step {step}: loss {running:.3f}, val acc (subset) {curve[-1][2]:.3f}")
+            tqdm.write(f"step {step}: loss {running:.3f}, val Avg {curve[-1][2]:.3f}")
     return curve
 
 
@@ -181,12 +176,10 @@ def write(args: argparse.Namespace) -> None:
         batches = Batches(Documents(facts, args.seed + 1), tokenizer, args.batch, args.seq)
         start = time.perf_counter()
         curve = train(model, batches, args.steps, args.lr,
-                      lambda m: val_accuracy(m, tokenizer, staging / "ceval", args.eval_questions),
+                      lambda m: val_accuracy(m, tokenizer, staging),
                       args.eval_every)
         print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f} s; curve {curve}")
-        model.eval().save_pretrained(staging, safe_serialization=True)
-        tokenizer.save(str(staging / "tokenizer.json"))
-        write_tokenizer_config(staging)
+        save(model, tokenizer, staging)
         calib = Documents(facts, args.seed + 2)  # INT8 calibration: exam-like text not trained on
         text = "\n\n".join(next(calib) for _ in range(200))
         (staging / "calibration.txt").write_text(text, encoding="utf-8")
@@ -208,7 +201,6 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-every", type=int, default=200)
-    parser.add_argument("--eval-questions", type=int, default=10, help="val questions per subject")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     write(parser.parse_args())
 

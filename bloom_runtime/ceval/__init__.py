@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 from tqdm import tqdm
@@ -25,7 +26,7 @@ from . import report
 from .cache import Cache, Prediction, diff
 from .dataset import Exam, Question, Subject, load_exam
 from .prompts import PROMPTS, fit_shots
-from .scoring import letter_ids, score, token_count
+from .scoring import ATB_MAX_NEW_TOKENS, letter_ids, score, token_count
 
 __all__ = ["EMBEDDED_EXAM", "METHODS", "Result", "diff", "evaluate", "load_exam"]
 
@@ -89,13 +90,14 @@ def _answer(engine: Engine, exam: Exam, method: str, shots: int, batch: int, cac
     todo, unfit = _prompts(engine, exam, method, shots, done)
     new = list(unfit)
     letters = letter_ids(engine)
-    todo.sort(key=lambda item: -item[3])
+    todo.sort(key=lambda item: -item.tokens)
     bar = tqdm(total=len(todo), desc=f"C-Eval ({method})", unit="q", disable=not progress)
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
-        choices = score(engine, method, [prompt for _, _, prompt, _, _ in chunk], letters)
-        scored = [Prediction(name, q.id, q.answer, c.letter, k, list(c.probs) if c.probs else None, c.output)
-                  for (name, q, _, _, k), c in zip(chunk, choices)]
+        choices = score(engine, method, [item.prompt for item in chunk], letters)
+        scored = [Prediction(item.subject, item.question.id, item.question.answer, c.letter, item.shots,
+                             list(c.probs) if c.probs else None, c.output)
+                  for item, c in zip(chunk, choices)]
         if cache is not None:
             cache.add(scored)
         new += scored
@@ -107,12 +109,20 @@ def _answer(engine: Engine, exam: Exam, method: str, shots: int, batch: int, cac
     return [answered[(name, q.id)] for name, qs in exam.questions.items() for q in qs]
 
 
+class _Item(NamedTuple):
+    subject: str
+    question: Question
+    prompt: str
+    tokens: int
+    shots: int
+
+
 def _prompts(engine: Engine, exam: Exam, method: str, shots: int, done: dict):
-    """(subject, question, prompt, tokens, shots) to score, and the predictions of questions
-    whose prompt does not fit even with the fewest shots (scored wrong, and reported)."""
+    """The prompts to score, and the predictions of questions whose prompt does not fit
+    even with the fewest shots (scored wrong, and reported)."""
     build, rule = PROMPTS[method], METHODS[method]
     limit = rule["limit"] or engine.max_seq_len
-    limit -= 32 if method == "atb" else 0  # room for the generated answer
+    limit -= ATB_MAX_NEW_TOKENS if method == "atb" else 0  # room for the generated answer
     todo, unfit = [], []
     for name, questions in exam.questions.items():
         subject, dev = exam.subjects[name], exam.dev[name]
@@ -124,7 +134,7 @@ def _prompts(engine: Engine, exam: Exam, method: str, shots: int, done: dict):
             if fitted is None:
                 unfit.append(Prediction(name, q.id, q.answer, None, -1))
             else:
-                todo.append((name, q, fitted[0], token_count(engine, fitted[0]), fitted[1]))
+                todo.append(_Item(name, q, *fitted))
     return todo, unfit
 
 

@@ -36,11 +36,11 @@ PROMPTS: dict[str, Callable[[Subject, Sequence[Question], Question], str]] = {
 
 def fit_shots(
     build: Callable[[int], str], count: Callable[[str], int], shots: int, min_shots: int, limit: int
-) -> tuple[str, int] | None:
+) -> tuple[str, int, int] | None:
     """The prompt with the most shots (from `shots` down to `min_shots`) within `limit`
-    tokens, and its shot count; None when even `min_shots` does not fit."""
+    tokens, with its token and shot counts; None when even `min_shots` does not fit."""
     for k in range(shots, min_shots - 1, -1):
         prompt = build(k)
-        if count(prompt) <= limit:
-            return prompt, k
+        if (tokens := count(prompt)) <= limit:
+            return prompt, tokens, k
     return None

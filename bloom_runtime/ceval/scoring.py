@@ -12,8 +12,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-
 from ..engine import Engine
 from ..errors import InputError
 from .dataset import LETTERS
@@ -54,12 +52,16 @@ def score_generation(engine: Engine, prompts: list[str]) -> list[Choice]:
     ids, mask = engine.tokenizer.encode_batch(prompts)
     eos = engine.config.eos_token_id
     rows: list[list[int]] = [[] for _ in prompts]
+    open_rows = set(range(len(prompts)))  # rows with neither a letter nor EOS yet
     for step in engine.stream(ids, mask, max_new_tokens=ATB_MAX_NEW_TOKENS, eos_token_id=eos):
-        for row, token in zip(rows, step.tolist()):
-            row.append(token)
-        texts = [engine.tokenizer.decode(row) for row in rows]
-        if all(first_letter(t) is not None or eos in row for t, row in zip(texts, rows)):
+        for i, token in enumerate(step.tolist()):
+            rows[i].append(token)
+        for i in list(open_rows):  # decode only the undecided rows: the others cannot change choice
+            if first_letter(engine.tokenizer.decode(rows[i])) is not None or eos in rows[i]:
+                open_rows.discard(i)
+        if not open_rows:
             break
+    texts = [engine.tokenizer.decode(row) for row in rows]
     return [Choice(first_letter(text), output=text) for text in texts]
 
 
@@ -67,6 +69,5 @@ def token_count(engine: Engine, text: str) -> int:
     return len(engine.tokenizer.encode(text))
 
 
-@torch.inference_mode()
 def score(engine: Engine, method: str, prompts: list[str], letters: list[int]) -> list[Choice]:
     return score_logits(engine, prompts, letters) if method == "ceval" else score_generation(engine, prompts)
