@@ -43,7 +43,10 @@ def _train(out: Path, steps: int) -> subprocess.CompletedProcess:
 
 def test_train_tiny_remakes_the_exam_and_tokenizer_and_trains_deterministically(tmp_path):
     """A few steps of tools/train_tiny.py: the exam and tokenizer it writes are the shipped
-    ones byte for byte, the checkpoint loads in transformers, and a rerun gives the same weights."""
+    ones byte for byte, the checkpoint loads in transformers, and a rerun gives the same weights
+    up to float reduction order: CPU training is not bitwise repeatable (one CI run saw two
+    3-step runs differ by 1.1e-4 at most, 3.6e-9 on average), while a change of seed or data
+    order moves every weight by ~1e-3 (the learning rate) or more."""
     first, second = tmp_path / "a", tmp_path / "b"
     for out in (first, second):
         done = _train(out, 3)
@@ -55,7 +58,8 @@ def test_train_tiny_remakes_the_exam_and_tokenizer_and_trains_deterministically(
     assert all((first / p).read_bytes() == (TINY_DIR / p).read_bytes() for p in shipped)
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert a.keys() == load_file(TINY_DIR / "model.safetensors").keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    drift = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert drift.mean() <= 1e-6 and drift.max() <= 1e-3
     BloomForCausalLM.from_pretrained(first)
     again = _train(first, 1)
     assert again.returncode != 0 and "--force" in again.stderr
