@@ -6,7 +6,7 @@
 """
 
 from .config import BloomConfig
-from .engine import Engine, load
+from .engine import Engine
 from .errors import (
     BloomRuntimeError,
     CheckpointError,
@@ -15,6 +15,8 @@ from .errors import (
     DistributedError,
     InputError,
 )
+from .loader import load
+from .sampling import GenerationConfig
 
 __all__ = [
     "BloomConfig",
@@ -24,6 +26,7 @@ __all__ = [
     "DatasetError",
     "DistributedError",
     "Engine",
+    "GenerationConfig",
     "InputError",
     "load",
 ]

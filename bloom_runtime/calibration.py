@@ -16,10 +16,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .embedded import CALIBRATION_TEXT
 from .errors import InputError
 from .tokenizer import Tokenizer
-
-DEFAULT_TEXT = Path(__file__).parent / "assets" / "tiny" / "calibration.txt"
 
 
 @dataclasses.dataclass
@@ -53,7 +52,7 @@ def calibration_ids(
         if text_path is not None:
             raise InputError("calibration text needs a model with a tokenizer.json")
         return torch.randint(4, vocab_size, (samples, seq_len), generator=generator)
-    path = Path(text_path) if text_path is not None else DEFAULT_TEXT
+    path = Path(text_path) if text_path is not None else CALIBRATION_TEXT
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:

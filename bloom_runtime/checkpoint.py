@@ -3,12 +3,14 @@
 Layouts: `model.safetensors`; `model-*.safetensors` + `model.safetensors.index.json`;
 `pytorch_model.bin`; `pytorch_model-*.bin` + `pytorch_model.bin.index.json`.
 Tensor names may carry the `transformer.` prefix; `lm_head.weight` is the tied
-embedding and is skipped. Also ours: a quantized checkpoint (compressed-tensors,
-int8 weights + scales) and a cut one (`rank_<r>/model.safetensors` per
-tensor-parallel rank, verified against `manifest.json`).
+embedding and is skipped. Also ours: a quantized checkpoint (compressed-tensors)
+and a cut one (`rank_<r>/model.safetensors` per tensor-parallel rank, verified
+against `manifest.json`).
 
-Tensors are read one at a time from memory-mapped files and cast straight to
-the target dtype and device, so peak memory is the model plus one tensor.
+What tensors a checkpoint must hold is not written here: the loader derives it
+from a skeleton model (see loader.py). This module reads, validates and writes
+files. Tensors are read one at a time from memory-mapped files and cast straight
+to the target dtype and device, so peak memory is the model plus one tensor.
 Pickled `.bin` files are opened with `weights_only=True` only.
 """
 
@@ -19,52 +21,27 @@ import json
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from .config import BloomConfig
 from .errors import CheckpointError
-from .parallel import SINGLE, Shard, shard_shape
-from .quant import QuantSpec, quantized_linear_names
+from .files import write_json
+from .tensors import FLOAT, INT, SCALE
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 MANIFEST = "manifest.json"
-_PREFIX = "transformer."
+PREFIX = "transformer."  # Hugging Face's names: `transformer.h.0....`; ours drop it
 _TIED = "lm_head.weight"
 
 
-def parameter_shapes(config: BloomConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a BLOOM checkpoint must hold, by canonical name, with its shape."""
-    h, v = config.hidden_size, config.vocab_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "word_embeddings.weight": (v, h),
-        "word_embeddings_layernorm.weight": (h,),
-        "word_embeddings_layernorm.bias": (h,),
-    }
-    linears = {
-        "self_attention.query_key_value": (3 * h, h),
-        "self_attention.dense": (h, h),
-        "mlp.dense_h_to_4h": (4 * h, h),
-        "mlp.dense_4h_to_h": (h, 4 * h),
-    }
-    for i in range(config.n_layer):
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            shapes[f"h.{i}.{norm}.weight"] = (h,)
-            shapes[f"h.{i}.{norm}.bias"] = (h,)
-        for name, (out_f, in_f) in linears.items():
-            shapes[f"h.{i}.{name}.weight"] = (out_f, in_f)
-            shapes[f"h.{i}.{name}.bias"] = (out_f,)
-    shapes["ln_f.weight"] = (h,)
-    shapes["ln_f.bias"] = (h,)
-    return shapes
-
-
 def canonical_name(name: str) -> str:
-    return name.removeprefix(_PREFIX)
+    return name.removeprefix(PREFIX)
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -117,39 +94,25 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     yield from state.items()
 
 
-# What a tensor in a checkpoint is: a float parameter (cast to the model's dtype),
-# an int8 weight or zero point (kept as is), or a quantization scale (float32, > 0).
-FLOAT, INT8, SCALE = "float", "int8", "scale"
+class Expected(NamedTuple):
+    """What a checkpoint must hold under one name (from the skeleton; see loader.py)."""
+
+    shape: tuple[int, ...]
+    kind: str  # tensors.FLOAT, INT or SCALE
+    dtype: torch.dtype  # for INT: the exact integer dtype; else the skeleton's
 
 
-def expected_tensors(config: BloomConfig, spec: QuantSpec | None = None) -> dict[str, tuple[tuple, str]]:
-    """name -> (shape, kind) of every tensor a (possibly quantized) checkpoint must hold."""
-    expected = {name: (shape, FLOAT) for name, shape in parameter_shapes(config).items()}
-    if spec is None:
-        return expected
-    int8_modules = quantized_linear_names(config.n_layer, spec)
-    if spec.int8_head:
-        expected["word_embeddings.weight_scale"] = ((config.vocab_size, 1), SCALE)
-        expected["word_embeddings.weight"] = (expected["word_embeddings.weight"][0], INT8)
-    for module in int8_modules:
-        out_features = expected[f"{module}.weight"][0][0]
-        expected[f"{module}.weight"] = (expected[f"{module}.weight"][0], INT8)
-        expected[f"{module}.weight_scale"] = ((out_features, 1), SCALE)
-        if spec.activation in ("static", "static-asym"):
-            expected[f"{module}.input_scale"] = ((1,), SCALE)
-        if spec.activation == "static-asym":
-            expected[f"{module}.input_zero_point"] = ((1,), INT8)
-    return expected
-
-
-def validate_tensor(name: str, tensor: torch.Tensor, shape: tuple, kind: str, path: Path) -> None:
+def validate_tensor(name: str, tensor: torch.Tensor, expected: Expected, path: Path) -> None:
+    """Raise a `CheckpointError` naming `path` and `name` unless `tensor` is what is expected:
+    the shape, an integer payload's exact dtype, and finite floats (scales also > 0)."""
+    shape, kind, dtype = expected
     if not isinstance(tensor, torch.Tensor):
         raise CheckpointError(f"{path}: {name} is a {type(tensor).__name__}, not a tensor")
     if tuple(tensor.shape) != shape:
         raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {shape}")
-    if kind == INT8:
-        if tensor.dtype != torch.int8:
-            raise CheckpointError(f"{path}: {name} has dtype {tensor.dtype}, expected torch.int8")
+    if kind == INT:
+        if tensor.dtype != dtype:
+            raise CheckpointError(f"{path}: {name} has dtype {tensor.dtype}, expected {dtype}")
         return
     if not tensor.is_floating_point():
         raise CheckpointError(f"{path}: {name} has dtype {tensor.dtype}, expected a float dtype")
@@ -166,7 +129,7 @@ def rank_file(directory: Path, rank: int) -> Path:
     return directory / f"rank_{rank}" / SAFETENSORS
 
 
-def verify_manifest(directory: Path, shard: Shard) -> None:
+def verify_manifest(directory: Path, world: int, rank: int) -> None:
     """Check a cut checkpoint before use: world size, every file present at its size, our sha256."""
     path = directory / MANIFEST
     try:
@@ -174,8 +137,8 @@ def verify_manifest(directory: Path, shard: Shard) -> None:
         files, tp_size = manifest["files"], manifest["tp_size"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: missing or invalid manifest ({err!r})") from None
-    if tp_size != shard.world:
-        raise CheckpointError(f"{directory}: cut for tp={tp_size}, but running with tp={shard.world}; "
+    if tp_size != world:
+        raise CheckpointError(f"{directory}: cut for tp={tp_size}, but running with tp={world}; "
                               f"launch torchrun --nproc_per_node {tp_size}")
     for name, entry in files.items():
         file = directory / name
@@ -183,11 +146,19 @@ def verify_manifest(directory: Path, shard: Shard) -> None:
             raise CheckpointError(f"{path}: lists {name}, which is missing")
         if file.stat().st_size != entry["size"]:
             raise CheckpointError(f"{file}: {file.stat().st_size} bytes, manifest says {entry['size']}")
-    own = rank_file(directory, shard.rank).relative_to(directory).as_posix()
+    own = rank_file(directory, rank).relative_to(directory).as_posix()
     if own not in files:
         raise CheckpointError(f"{path}: has no entry for {own}")
     if sha256_of(directory / own) != files[own]["sha256"]:
         raise CheckpointError(f"{directory / own}: sha256 does not match {path}")
+
+
+def write_manifest(directory: Path, tp: int) -> None:
+    """List every file under `directory` with its size and sha256 (what `verify_manifest` checks)."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    entries = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)}
+               for p in files}  # fmt: skip
+    write_json(directory / MANIFEST, {"format": "bloom-runtime-cut", "tp_size": tp, "files": entries})
 
 
 def sha256_of(path: Path) -> str:
@@ -198,60 +169,30 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_state(
-    directory: Path,
-    config: BloomConfig,
-    dtype: torch.dtype | None,
-    device: torch.device,
-    spec: QuantSpec | None = None,
-    shard: Shard = SINGLE,
+def read_state(
+    files: list[Path], expected: dict[str, Expected], dtype: torch.dtype | None, device: torch.device,
+    where: Path,
 ) -> dict[str, torch.Tensor]:
-    """All tensors of a float, quantized or cut checkpoint, validated, on `device`.
-
-    Float parameters are cast to `dtype` (None keeps theirs); int8 tensors and
-    scales keep theirs. A cut checkpoint (config tp_size > 1) yields the part
-    of rank `shard.rank`, after its manifest is verified.
-    """
-    expected = expected_tensors(config, spec)
-    files = weight_files(directory)
-    if config.tp_size > 1:
-        verify_manifest(directory, shard)
-        expected = {n: (shard_shape(n, shape, shard.world), kind) for n, (shape, kind) in expected.items()}
-        files = [rank_file(directory, shard.rank)]
+    """Every expected tensor from `files`, validated, on `device`: floats cast to `dtype` (None
+    keeps theirs), scales to float32, integer payloads as stored. `where` names the checkpoint."""
     state: dict[str, torch.Tensor] = {}
     for path in files:
         for raw_name, tensor in iter_tensors(path):
             name = canonical_name(raw_name)
             if raw_name == _TIED or name not in expected:
                 continue  # the tied head, or buffers older exports carry
-            shape, kind = expected[name]
-            validate_tensor(name, tensor, shape, kind, path)
-            target = {FLOAT: dtype or tensor.dtype, SCALE: torch.float32, INT8: torch.int8}[kind]
+            validate_tensor(name, tensor, expected[name], path)
+            kind = expected[name].kind
+            target = {FLOAT: dtype or tensor.dtype, SCALE: torch.float32, INT: tensor.dtype}[kind]
             state[name] = tensor.to(device=device, dtype=target)
     missing = [name for name in expected if name not in state]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointError(f"{directory}: tensor {missing[0]!r}{more} missing from the checkpoint")
+        raise CheckpointError(f"{where}: tensor {missing[0]!r}{more} missing from the checkpoint")
     return state
 
 
-def random_state(
-    config: BloomConfig, dtype: torch.dtype, device: torch.device, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """Seeded random weights in BLOOM's initialisation (N(0, 0.02) matrices, unit norms).
-
-    Filled in place in the target dtype, so random:bloom-7b1 in bfloat16 needs
-    its 14 GB and no float32 copy.
-    """
-    generator = torch.Generator(device=device).manual_seed(seed)
-    state = {}
-    for name, shape in parameter_shapes(config).items():
-        tensor = torch.empty(shape, dtype=dtype, device=device)
-        if len(shape) == 2:
-            tensor.normal_(0.0, 0.02, generator=generator)
-        elif name.endswith(".weight"):  # the 1-D weights are layer-norm gains
-            tensor.fill_(1.0)
-        else:
-            tensor.zero_()
-        state[name] = tensor
-    return state
+def write_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Tensors as one safetensors file, under Hugging Face's names (`transformer.` prefix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({PREFIX + n: t.contiguous() for n, t in state.items()}, path, metadata={"format": "pt"})

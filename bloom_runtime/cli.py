@@ -7,21 +7,21 @@ Each subcommand is a small function over the public API. A user's mistake
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from .config import BloomConfig
-from .engine import DTYPES, ModelSource, load
 from .errors import BloomRuntimeError, InputError
+from .loader import DTYPES, Source, load, parameter_count
 from .parallel import shutdown
-from .quant import ACTIVATIONS, QuantSpec
-from .weights import checkpoint_bytes, cut_checkpoint, quantize_checkpoint
+from .quant import LINEARS, QuantSpec
+from .tokenizer import left_pad
 
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
+# `weights quant --scheme` + `--activation`: the W8A8 activation choices, by scheme name
+W8A8_ACTIVATIONS = {"dynamic": "w8a8", "static": "w8a8-static", "static-asym": "w8a8-static-asym"}
+WEIGHT_ONLY = [name for name, cls in LINEARS.items() if cls.ACTIVATIONS is None]
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def _runtime_args(parser: argparse.ArgumentParser) -> None:
     _model_args(parser)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:i] or npu[:i]")
-    parser.add_argument("--quant", default=None, choices=["w8a8", "w8a8-static", "w8a16"])
+    parser.add_argument("--quant", default=None, choices=list(LINEARS))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -45,7 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         texts = engine.generate_text(args.prompt, **sampling)
         lines = [prompt + text for prompt, text in zip(args.prompt, texts)]
-    if engine.shard.rank == 0:  # under torchrun, one rank speaks
+    if engine.shard.is_main:
         print("\n".join(lines))
 
 
@@ -57,16 +57,14 @@ def _generate_ids(engine, prompts: list[str], sampling: dict) -> list[list[int]]
         raise InputError("--token-ids: prompts must be space-separated integers, e.g. '5 17 42'") from None
     if any(not row for row in rows):
         raise InputError("--token-ids: a prompt has no ids")
-    width = max(map(len, rows))
-    ids = torch.tensor([[engine.config.pad_token_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    ids, mask = left_pad(rows, engine.config.pad_token_id)
     new = engine.generate(ids, mask, eos_token_id=engine.config.eos_token_id, **sampling)
     return new.tolist()
 
 
 def describe(config: BloomConfig) -> list[tuple[str, str]]:
     """(field, value) rows that `info` prints: the shape, size, and bytes per dtype."""
-    params = config.num_parameters()
+    params = parameter_count(config)
     rows = [
         ("vocab_size", str(config.vocab_size)),
         ("hidden_size", str(config.hidden_size)),
@@ -82,24 +80,28 @@ def describe(config: BloomConfig) -> list[tuple[str, str]]:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    source = ModelSource.resolve(args.model)
+    source = Source.resolve(args.model)
     print(f"model: {source.name}")
     for field, value in describe(source.config):
         print(f"{field:>24}: {value}")
 
 
 def cmd_weights_quant(args: argparse.Namespace) -> None:
-    activation = None if args.scheme == "w8a16" else args.activation
-    alpha = None if args.no_smooth or activation is None else args.alpha
-    spec = QuantSpec(activation=activation, alpha=alpha, float_layers=tuple(args.float_layers),
-                     int8_head=activation is None and not args.float_head)
+    from .weights import checkpoint_bytes, quantize_checkpoint
+
+    default = QuantSpec.from_name(W8A8_ACTIVATIONS[args.activation] if args.scheme == "w8a8" else args.scheme)
+    spec = QuantSpec(default.linear, alpha=None if args.no_smooth or default.alpha is None else args.alpha,
+                     float_layers=tuple(args.float_layers), head=None if args.float_head else default.head)
     out = quantize_checkpoint(args.input, args.output, spec, calib_samples=args.calib_samples,
                               calib_data=args.calib_data, dtype=args.dtype, seed=args.seed, force=args.force)
-    print(f"wrote {out} ({spec.scheme}, activations {activation or 'float'}, "
+    activations = spec.linear_class.ACTIVATIONS
+    print(f"wrote {out} ({spec.linear}, activations {args.activation if activations else 'float'}, "
           f"{checkpoint_bytes(out) / 2**20:.1f} MiB)")
 
 
 def cmd_weights_cut(args: argparse.Namespace) -> None:
+    from .weights import checkpoint_bytes, cut_checkpoint
+
     out = cut_checkpoint(args.input, args.output, args.tp, force=args.force)
     print(f"wrote {out} (tp={args.tp}, {checkpoint_bytes(out) / 2**20:.1f} MiB)")
 
@@ -110,8 +112,8 @@ def _weights_parser(sub) -> None:
     quant = tools.add_parser("quant", help="quantize a float checkpoint to INT8 (compressed-tensors)")
     quant.add_argument("--input", required=True, help="a float Hugging Face BLOOM directory")
     quant.add_argument("--output", required=True)
-    quant.add_argument("--scheme", default="w8a8", choices=["w8a8", "w8a16"])
-    quant.add_argument("--activation", default="dynamic", choices=list(ACTIVATIONS),
+    quant.add_argument("--scheme", default="w8a8", choices=["w8a8"] + WEIGHT_ONLY)
+    quant.add_argument("--activation", default="dynamic", choices=list(W8A8_ACTIVATIONS),
                        help="W8A8 activations: per-token dynamic, per-tensor static, or static "
                             "asymmetric (the Ascend modelslim recipe)")
     quant.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
@@ -137,20 +139,19 @@ def _weights_parser(sub) -> None:
 
 
 def cmd_perf(args: argparse.Namespace) -> None:
-    from . import bench
-    from .bench import cases, export
+    from .bench import cases, export, harness
 
     if args.seqlen_in_pair or args.seqlen_out_pair:
         grid = cases.from_pairs(args.batch, args.seqlen_in_pair or [], args.seqlen_out_pair or [])
     else:
         grid = cases.from_ranges(args.batch, tuple(args.seqlen_in_range), tuple(args.seqlen_out_range))
-    opts = bench.PerfOptions(
+    opts = harness.PerfOptions(
         cases=grid, model=args.model, dtype=args.dtype, device=args.device, quant=args.quant,
         warmup=args.warmup, repeat=args.repeat, compare=tuple(args.compare), threads=args.threads,
         output=Path(args.output), cache=Path(args.peer_cache), seed=args.seed,
     )  # fmt: skip
-    rows, meta = bench.run(opts)
-    if meta["tp"] == 1 or int(os.environ.get("RANK", "0")) == 0:
+    rows, meta, is_main = harness.run(opts)
+    if is_main:
         print(export.table(export.frame(rows)))
         print("\naverage over the grid (ms):")
         for engine, figures in meta["grid_average"].items():
@@ -161,7 +162,7 @@ def cmd_perf(args: argparse.Namespace) -> None:
 
 
 def _perf_parser(sub) -> None:
-    from .bench import DEFAULT_CACHE
+    from .bench.peers import DEFAULT_CACHE, PEERS
 
     perf = sub.add_parser("perf", help="first/next-token latency over a grid of lengths, vs peers")
     _runtime_args(perf)
@@ -173,7 +174,7 @@ def _perf_parser(sub) -> None:
     perf.add_argument("--seqlen-out-pair", type=int, nargs="+")
     perf.add_argument("--warmup", type=int, default=1)
     perf.add_argument("--repeat", type=int, default=3)
-    perf.add_argument("--compare", nargs="*", default=[], choices=["hf", "ctranslate2"])
+    perf.add_argument("--compare", nargs="*", default=[], choices=list(PEERS))
     perf.add_argument("--threads", type=int, default=None, help="CPU threads for every engine")
     perf.add_argument("--output", default="perf_results.csv", help="FILE.csv or FILE.json (both are written)")
     perf.add_argument("--peer-cache", default=str(DEFAULT_CACHE),
@@ -183,13 +184,13 @@ def _perf_parser(sub) -> None:
 
 
 def cmd_precision(args: argparse.Namespace) -> None:
-    from . import ceval
+    from .ceval.evaluation import evaluate
 
     engine = load(args.model, dtype=args.dtype, device=args.device, quant=args.quant)
     run = {"model": args.model, "dtype": args.dtype, "quant": args.quant, "tp": engine.shard.world}
-    result = ceval.evaluate(engine, args.dataset_path, method=args.method, shots=args.shots, batch=args.batch,
+    result = evaluate(engine, args.dataset_path, method=args.method, shots=args.shots, batch=args.batch,
                             output_dir=args.output_dir, run=run, force=args.force, subjects=args.subjects)
-    if engine.shard.rank != 0:
+    if not engine.shard.is_main:
         return
     from .ceval.report import category_table
 
@@ -205,7 +206,7 @@ def cmd_precision(args: argparse.Namespace) -> None:
 
 
 def _print_diff(other: Path, ours: Path) -> None:
-    from .ceval import diff
+    from .ceval.cache import diff
 
     changed = diff(other, ours)
     print(f"{len(changed)} question(s) answered differently from {other}")

@@ -1,5 +1,8 @@
 """BLOOM hyper-parameters: read from a Hugging Face `config.json`, or from a preset.
 
+It holds the network's shape only: how a checkpoint is deployed (cut for tensor
+parallelism, quantized) is read beside it from the same file, by layout.py.
+
 Published BLOOM configs spell the same field several ways (`n_embed` in
 bloom-7b1, `hidden_size` in newer saves; `num_attention_heads` or `n_head`), so
 the reader accepts every alias and the dataclass holds one canonical name.
@@ -37,11 +40,9 @@ class BloomConfig:
     eos_token_id: int = 2
     pad_token_id: int = 3
     seq_length: int = 2048
-    tp_size: int = 1
-    quantization_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "n_layer", "n_head", "seq_length", "tp_size"):
+        for name in ("vocab_size", "hidden_size", "n_layer", "n_head", "seq_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config: {name} must be a positive integer, got {value!r}")
@@ -55,19 +56,6 @@ class BloomConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.n_head
-
-    def num_parameters(self) -> int:
-        """Parameter count of the network (the tied head is counted once)."""
-        h, layers = self.hidden_size, self.n_layer
-        embed = self.vocab_size * h + 2 * h  # word embeddings + their layernorm
-        block = (
-            2 * 2 * h  # two layernorms
-            + 3 * h * h + 3 * h  # query_key_value
-            + h * h + h  # dense
-            + 4 * h * h + 4 * h  # dense_h_to_4h
-            + 4 * h * h + h  # dense_4h_to_h
-        )
-        return embed + layers * block + 2 * h  # + ln_f
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> BloomConfig:
@@ -91,22 +79,27 @@ class BloomConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> BloomConfig:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """A `config.json` mapping that both this runtime and `transformers` read."""
-        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        out = dataclasses.asdict(self)
         out.update(model_type="bloom", architectures=["BloomForCausalLM"])
         return out
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A config.json as a mapping, or a `ConfigError` naming the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return raw
 
 
 # The published shapes (https://huggingface.co/bigscience). 176b is for `info` only.

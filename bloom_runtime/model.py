@@ -9,6 +9,11 @@ extra slopes for head counts that are not a power of two, positions taken from
 the attention mask so left padding changes nothing, softmax in float32. One
 attention bias (ALiBi + causal + padding) is built per forward and shared by
 all layers; attention itself is `scaled_dot_product_attention`.
+
+This module is the one place that names BLOOM's modules. Each linear says how
+tensor parallelism splits it (`split`: "column" or "row"), and each module with
+parameters declares how a checkpoint stores them (`STORED`, see tensors.py), so
+loading, quantization and sharding find everything by walking the model.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BloomConfig
-from .kernels import weight_only_matmul
 from .kv_cache import KVCache
+from .tensors import FLOAT, IN, OUT, VOCAB, Stored
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -61,21 +66,33 @@ def attention_bias(
     return bias[None].masked_fill(~allowed, torch.finfo(dtype).min).to(dtype)
 
 
+class Linear(nn.Linear):
+    """A float linear that knows how tensor parallelism splits it: "column" (each rank
+    computes some outputs) or "row" (each rank takes some inputs; partial sums are
+    all-reduced). Quantized replacements keep `split`."""
+
+    STORED = {"weight": Stored(FLOAT, (OUT, IN)), "bias": Stored(FLOAT, (OUT,), summed=True)}
+
+    def __init__(self, in_features: int, out_features: int, split: str) -> None:
+        super().__init__(in_features, out_features)
+        self.split = split
+
+
 class Attention(nn.Module):
     def __init__(self, config: BloomConfig) -> None:
         super().__init__()
         h = config.hidden_size
         self.head_dim = config.head_dim
-        self.n_head = config.n_head  # heads on this rank; parallel.py divides it
-        self.query_key_value = nn.Linear(h, 3 * h)
-        self.dense = nn.Linear(h, h)
+        self.query_key_value = Linear(h, 3 * h, "column")
+        self.dense = Linear(h, h, "row")
 
     def forward(
         self, x: torch.Tensor, bias: torch.Tensor, cache: KVCache | None, layer: int, start: int
     ) -> torch.Tensor:
         batch, q_len, _ = x.shape
-        # Hugging Face lays the fused projection out per head as [n_head, 3, head_dim].
-        qkv = self.query_key_value(x).view(batch, q_len, self.n_head, 3, self.head_dim)
+        # Hugging Face lays the fused projection out per head as [n_head, 3, head_dim]; the
+        # head count is this rank's (all heads on one device).
+        qkv = self.query_key_value(x).view(batch, q_len, -1, 3, self.head_dim)
         q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))  # [B, H, S, D]
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
@@ -92,8 +109,8 @@ class MLP(nn.Module):
     def __init__(self, config: BloomConfig) -> None:
         super().__init__()
         h = config.hidden_size
-        self.dense_h_to_4h = nn.Linear(h, 4 * h)
-        self.dense_4h_to_h = nn.Linear(4 * h, h)
+        self.dense_h_to_4h = Linear(h, 4 * h, "column")
+        self.dense_4h_to_h = Linear(4 * h, h, "row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
@@ -119,37 +136,31 @@ class Block(nn.Module):
         residual = normed if self.residual_after_norm else x
         return residual + self.mlp(normed)
 
+    def smoothable(self) -> list[tuple[nn.LayerNorm, nn.Module]]:
+        """Each LayerNorm with the one projection its output feeds, where SmoothQuant can fold
+        scales into the norm (the other two linears are fed by attention and GELU)."""
+        return [(self.input_layernorm, self.self_attention.query_key_value),
+                (self.post_attention_layernorm, self.mlp.dense_h_to_4h)]
+
 
 class TiedEmbedding(nn.Module):
-    """The token embedding, which BLOOM also uses as its output projection.
+    """The token embedding, which BLOOM also uses as its output projection (`logits`).
 
-    Float, or int8 with one scale per vocabulary row (`to_int8`): the head is
-    the largest matrix a decode step reads, so weight-only int8 halves (bf16)
-    or quarters (fp32) its cost; lookups dequantize just the rows they take.
+    Tensor parallelism splits it by vocabulary rows; quantized heads subclass it.
     """
+
+    STORED = {"weight": Stored(FLOAT, (VOCAB, None))}
+    split = "vocab"
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
-        self.weight_scale: nn.Parameter | None = None
-        self.compute_dtype: torch.dtype | None = None  # what int8 rows dequantize to
-
-    def to_int8(self, weight: torch.Tensor, weight_scale: torch.Tensor, compute_dtype: torch.dtype) -> None:
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.weight_scale = nn.Parameter(weight_scale, requires_grad=False)
-        self.compute_dtype = compute_dtype
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(input_ids, self.weight)
-        if self.weight_scale is None:
-            return rows
-        scales = F.embedding(input_ids, self.weight_scale)
-        return rows.to(self.compute_dtype) * scales.to(self.compute_dtype)
+        return F.embedding(input_ids, self.weight)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_scale is None:
-            return F.linear(x, self.weight)
-        return weight_only_matmul(x, self.weight, self.weight_scale)
+        return F.linear(x, self.weight)
 
 
 class Bloom(nn.Module):
@@ -164,7 +175,17 @@ class Bloom(nn.Module):
         )
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
+        self.heads = range(config.n_head)  # the heads this model computes (parallel.py narrows it)
+        self.slopes: torch.Tensor | None = None  # their ALiBi slopes, made by `init_buffers`
+
+    def init_buffers(self, device: torch.device) -> None:
+        """Make the non-parameter state on `device`, once the parameters are in place."""
+        self.slopes = alibi_slopes(self.config.n_head)[self.heads.start : self.heads.stop].to(device)
+
+    def block_linears(self) -> list[dict[str, nn.Module]]:
+        """Per block, its linears by qualified name (`h.0.self_attention.dense`, ...)."""
+        return [{f"h.{i}.{name}": m for name, m in block.named_modules() if hasattr(m, "split")}
+                for i, block in enumerate(self.h)]
 
     def forward(
         self,

@@ -1,19 +1,21 @@
 """Tensor parallelism over `torch.distributed` (Megatron-style), launched by `torchrun`.
 
-Per rank r of n:
-- `query_key_value`, `dense_h_to_4h` are column-parallel: whole heads / a
-  slice of the 4h columns (HF's per-head [n_head, 3, head_dim] layout makes a
-  head's q, k and v rows contiguous, so a rank's heads are one row block);
-- `dense`, `dense_4h_to_h` are row-parallel: a slice of the input columns,
-  then one all-reduce; the bias lives on rank 0 only (zeros elsewhere), so it
-  is added once;
-- the tied embedding is vocab-parallel: the vocabulary is padded with zero rows
-  to a multiple of n, each rank looks up its own ids (all-reduce), and the head
+Each module says how it splits (`split`, see model.py) and each parameter which of
+its axes are outputs, inputs or vocabulary rows (`STORED`, see tensors.py). Per
+rank r of n:
+- "column" linears (`query_key_value`, `dense_h_to_4h`) keep a slice of their
+  outputs: whole heads, as HF's per-head [n_head, 3, head_dim] layout makes a
+  head's q, k and v rows contiguous, or a slice of the 4h columns;
+- "row" linears (`dense`, `dense_4h_to_h`) keep a slice of their inputs, then
+  one all-reduce; a term added after the matmul (the bias) lives on rank 0 only
+  (zeros elsewhere), so it is added once;
+- the tied embedding splits by vocabulary: padded with zero rows (scale 1) to a
+  multiple of n, each rank looks up its own ids (all-reduce), and the head
   gathers every rank's logits and drops the padding, so results never change;
-- each rank's ALiBi slopes are its slice of the global slopes.
+- each rank computes its heads' share of attention, with their ALiBi slopes.
 
-The same rules cut tensors (`shard_tensor`) and predict the shapes a cut
-checkpoint must hold (`shard_shape`), so the two cannot disagree.
+One function cuts tensors (`shard_tensor`); applied to a meta-device skeleton it
+gives the shapes a rank holds, so cutting and shape checks cannot disagree.
 """
 
 from __future__ import annotations
@@ -30,11 +32,10 @@ from torch import nn
 
 from .config import BloomConfig
 from .errors import DistributedError
-from .model import Bloom, TiedEmbedding
+from .model import Bloom
+from .tensors import IN, OUT, SCALE, Stored, stored
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
-COLUMN = ("self_attention.query_key_value", "mlp.dense_h_to_4h")
-ROW = ("self_attention.dense", "mlp.dense_4h_to_h")
 TIMEOUT_ENV = "BLOOM_RUNTIME_DIST_TIMEOUT"  # seconds a rank waits for the others (default 300)
 
 
@@ -42,6 +43,11 @@ TIMEOUT_ENV = "BLOOM_RUNTIME_DIST_TIMEOUT"  # seconds a rank waits for the other
 class Shard:
     rank: int
     world: int
+
+    @property
+    def is_main(self) -> bool:
+        """The rank that prints and writes files (one voice under torchrun)."""
+        return self.rank == 0
 
 
 SINGLE = Shard(0, 1)
@@ -86,56 +92,58 @@ def check_divisible(config: BloomConfig, world: int) -> None:
         raise DistributedError(f"tp={world} must divide n_head={config.n_head} (whole heads per rank)")
 
 
-def _rule(name: str) -> str:
-    module, _, leaf = name.rpartition(".")
-    if module == "word_embeddings":
-        return "vocab"
-    if module.endswith(COLUMN) and leaf != "input_scale" and leaf != "input_zero_point":
-        return "column"
-    if module.endswith(ROW):
-        return {"weight": "row", "bias": "bias-once"}.get(leaf, "replicate")
-    return "replicate"
-
-
-def shard_shape(name: str, shape: tuple[int, ...], world: int) -> tuple[int, ...]:
-    rule = _rule(name)
-    if rule == "column":
-        return (shape[0] // world, *shape[1:])
-    if rule == "row":
-        return (shape[0], shape[1] // world)
-    if rule == "vocab":
-        return (-(-shape[0] // world), shape[1])
-    return shape
-
-
-def shard_tensor(name: str, tensor: torch.Tensor, shard: Shard) -> torch.Tensor:
-    """Rank `shard.rank`'s part of a full tensor (a copy, contiguous)."""
+def shard_tensor(tensor: torch.Tensor, declared: Stored, split: str | None, shard: Shard) -> torch.Tensor:
+    """Rank `shard.rank`'s part of a full tensor (a copy), by its module's `split` and its axes."""
     rank, world = shard.rank, shard.world
-    rule = _rule(name)
-    if rule == "column":
-        return tensor.chunk(world, dim=0)[rank].clone()
-    if rule == "row":
-        return tensor.chunk(world, dim=1)[rank].clone()
-    if rule == "bias-once":
-        return tensor.clone() if rank == 0 else torch.zeros_like(tensor)
-    if rule == "vocab":  # padding rows are zero (with scale 1, so int8 scales stay valid)
+    if split is None or world == 1:
+        return tensor
+    if split == "vocab":  # padding rows are zero, with scale 1 so that int8 scales stay valid
         rows = -(-tensor.shape[0] // world)
-        fill = 1.0 if name.endswith("weight_scale") else 0.0
+        fill = 1.0 if declared.kind == SCALE else 0.0
         padded = F.pad(tensor, (0, 0, 0, rows * world - tensor.shape[0]), value=fill)
         return padded[rank * rows : (rank + 1) * rows].clone()
+    axis = {"column": OUT, "row": IN}[split]
+    if axis in declared.axes:
+        return tensor.chunk(world, dim=declared.axes.index(axis))[rank].clone()
+    if split == "row" and declared.summed:
+        return tensor.clone() if rank == 0 else torch.zeros_like(tensor)
     return tensor
 
 
-def shard_state(state: dict[str, torch.Tensor], shard: Shard) -> dict[str, torch.Tensor]:
-    return {name: shard_tensor(name, t, shard) for name, t in state.items()}
+def declarations(model: nn.Module) -> dict[str, tuple[Stored, str | None]]:
+    """Every parameter's declaration and its module's split, by name."""
+    return {f"{prefix}{'.' if prefix else ''}{leaf}": (stored(module, leaf), getattr(module, "split", None))
+            for prefix, module in model.named_modules() for leaf, _ in module.named_parameters(recurse=False)}
 
 
-class VocabParallelEmbedding(TiedEmbedding):
-    """Rows [start, start + rows) of the (padded) vocabulary on this rank."""
+def shard_state(model: nn.Module, state: dict[str, torch.Tensor], shard: Shard) -> dict[str, torch.Tensor]:
+    """Rank `shard.rank`'s part of a full state dict of `model`'s structure."""
+    rules = declarations(model)
+    return {name: shard_tensor(t, *rules[name], shard) for name, t in state.items()}
 
-    def __init__(self, rows: int, hidden_size: int, start: int, vocab_size: int) -> None:
-        super().__init__(rows, hidden_size)
-        self.start, self.vocab_size = start, vocab_size
+
+def shard_skeleton(model: Bloom, shard: Shard) -> None:
+    """Give a meta-device model the shapes of rank `shard.rank`'s part, before loading it."""
+    if shard.world == 1:
+        return
+    for module in model.modules():
+        split = getattr(module, "split", None)
+        for leaf, param in list(module.named_parameters(recurse=False)):
+            part = shard_tensor(param.detach(), stored(module, leaf), split, shard)
+            setattr(module, leaf, nn.Parameter(part, requires_grad=False))
+    per_rank = model.config.n_head // shard.world
+    model.heads = range(shard.rank * per_rank, (shard.rank + 1) * per_rank)
+    embedding = model.word_embeddings
+    embedding.__class__ = _vocab_parallel(type(embedding))
+    embedding.start, embedding.vocab_size = shard.rank * embedding.weight.shape[0], model.config.vocab_size
+
+
+class _VocabParallel:
+    """Mixed into the embedding's own class (float or quantized): rows [start, start + rows) of
+    the padded vocabulary live on this rank."""
+
+    start: int
+    vocab_size: int
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         local = input_ids - self.start
@@ -152,37 +160,23 @@ class VocabParallelEmbedding(TiedEmbedding):
         return torch.cat(parts, dim=-1)[..., : self.vocab_size]
 
 
-def shard_skeleton(model: Bloom, shard: Shard) -> None:
-    """Give a meta-device model the shapes of rank `shard.rank`'s part, before loading it."""
-    with torch.device("meta"):
-        _shard_skeleton(model, shard)
-
-
-def _shard_skeleton(model: Bloom, shard: Shard) -> None:
-    config, world = model.config, shard.world
-    for block in model.h:
-        block.self_attention.n_head = config.n_head // world
-        for name, module in block.named_modules():
-            if isinstance(module, nn.Linear) and name.endswith(COLUMN + ROW):
-                for leaf in ("weight", "bias"):
-                    shape = shard_shape(f"{name}.{leaf}", getattr(module, leaf).shape, world)
-                    setattr(module, leaf, nn.Parameter(torch.empty(shape)))
-    rows = -(-config.vocab_size // world)
-    model.word_embeddings = VocabParallelEmbedding(rows, config.hidden_size, shard.rank * rows,
-                                                   config.vocab_size)
+def _vocab_parallel(cls: type) -> type:
+    return type(f"VocabParallel{cls.__name__}", (_VocabParallel, cls), {})
 
 
 def attach_collectives(model: Bloom) -> None:
-    """All-reduce the outputs of the row-parallel linears (after any int8 swap).
+    """All-reduce the outputs of the row-parallel linears (after any quantized swap).
 
-    A row-parallel W8A8 linear with per-token scales also takes the max over
+    A row-parallel linear whose activations are scaled per token (its
+    compressed-tensors description says strategy "token") also takes the max over
     ranks of each token's |x|, so its scales are those of the whole token.
     """
-    for block in model.h:
-        for module in (block.self_attention.dense, block.mlp.dense_4h_to_h):
-            module.register_forward_hook(_all_reduce_output)
-            if getattr(module, "input_scale", "static") is None:
-                module.reduce_absmax = _all_reduce_max
+    for module in model.modules():
+        if getattr(module, "split", None) != "row":
+            continue
+        module.register_forward_hook(_all_reduce_output)
+        if (getattr(module, "ACTIVATIONS", None) or {}).get("strategy") == "token":
+            module.reduce_absmax = _all_reduce_max
 
 
 def _all_reduce_output(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:

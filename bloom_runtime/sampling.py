@@ -1,13 +1,15 @@
-"""Choosing the next token from logits: greedy, or sampling with temperature, top-k, top-p.
+"""Generation settings (`GenerationConfig`) and choosing the next token from logits.
 
-The order (temperature, then top-k, then top-p) and the top-p rule (keep the
-smallest set of tokens whose probability reaches top_p, at least one) follow
-`transformers`' logits processors, so seeded runs behave as users expect.
+The settings follow Hugging Face's `GenerationConfig` names. The order
+(temperature, then top-k, then top-p) and the top-p rule (keep the smallest set of
+tokens whose probability reaches top_p, at least one) follow `transformers`'
+logits processors, so seeded runs behave as users expect.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -15,13 +17,20 @@ from .errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
-class Sampling:
+class GenerationConfig:
+    """How to generate: length, greedy or sampling, and when a row stops (`eos_token_id`)."""
+
+    max_new_tokens: int = 16
     do_sample: bool = False
     temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    eos_token_id: int | None = None  # None: never stop early
+    seed: int | None = None  # seeds sampling; None: a fresh random seed
 
     def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not self.temperature > 0:
             raise InputError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:
@@ -29,24 +38,39 @@ class Sampling:
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
 
+    def updated(self, **changes: Any) -> GenerationConfig:
+        """A copy with `changes` applied (the keyword form of `Engine.generate`)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise InputError(f"unknown generation setting(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
 
-def next_token(
-    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None
-) -> torch.Tensor:
+    def ignored_sampling_settings(self) -> list[str]:
+        """Sampling settings given without `do_sample`, which greedy decoding ignores."""
+        if self.do_sample:
+            return []
+        defaults = GenerationConfig()
+        return [name for name in ("temperature", "top_k", "top_p")
+                if getattr(self, name) != getattr(defaults, name)]
+
+
+def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None
+               ) -> torch.Tensor:
     """Token ids [B] chosen from float logits [B, V]."""
-    if not sampling.do_sample:
+    if not config.do_sample:
         return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
-    if 0 < sampling.top_k < logits.shape[-1]:
-        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]
+    logits = logits / config.temperature
+    if 0 < config.top_k < logits.shape[-1]:
+        kth = logits.topk(config.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        logits = _top_p(logits, sampling.top_p)
+    if config.top_p < 1.0:
+        logits = top_p_filter(logits, config.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits with -inf outside the smallest most-likely set whose probability reaches `top_p`."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens

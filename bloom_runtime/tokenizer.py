@@ -27,6 +27,20 @@ def write_tokenizer_config(directory: Path) -> None:
     (directory / CONFIG_FILES[0]).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids as one batch padded on the left: (`input_ids`, `attention_mask`), [B, S] int64.
+
+    Left padding keeps every row's last token in the last column, where generation continues.
+    """
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
 class Tokenizer:
     def __init__(self, path: str | Path, pad_token_id: int, eos_token_id: int) -> None:
         try:
@@ -51,13 +65,7 @@ class Tokenizer:
         for i, row in enumerate(rows):
             if not row:
                 raise InputError(f"prompt {i} is empty: nothing to condition generation on")
-        width = max(len(row) for row in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
-        return ids, mask
+        return left_pad(rows, self.pad_token_id)
 
     def decode(self, ids: list[int]) -> str:
         """Text of generated ids, cut at the first EOS (after which rows hold padding)."""

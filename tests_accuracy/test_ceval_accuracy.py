@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import run_ranks
+from spawn_ranks import run_ranks
 from thresholds import Threshold, load
 from transformers import BloomForCausalLM
 
@@ -23,7 +23,7 @@ from bloom_runtime import ceval
 from bloom_runtime.ceval import prompts, scoring
 from bloom_runtime.ceval.dataset import LETTERS
 from bloom_runtime.config import PRESETS, BloomConfig
-from bloom_runtime.engine import TINY_DIR
+from bloom_runtime.embedded import EXAM_DIR, TINY_DIR
 
 pytestmark = pytest.mark.accuracy
 
@@ -86,7 +86,7 @@ def test_embedded_path_meets_floor_and_stays_near_float(row: Threshold, runs: Ru
 
 def test_float32_choices_equal_transformers(float32_result):
     """The same prompts through BloomForCausalLM: every choice the same, except at near-ties."""
-    exam = ceval.load_exam(ceval.EMBEDDED_EXAM)
+    exam = ceval.load_exam(EXAM_DIR)
     engine = br.load()
     letters = scoring.letter_ids(engine)
     reference = BloomForCausalLM.from_pretrained(TINY_DIR).eval()

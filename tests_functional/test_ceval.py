@@ -17,6 +17,7 @@ from bloom_runtime.ceval.dataset import Question, Subject, load_exam, load_split
 from bloom_runtime.ceval.prompts import atb_prompt, ceval_prompt, fit_shots
 from bloom_runtime.ceval.scoring import first_letter
 from bloom_runtime.cli import main
+from bloom_runtime.embedded import EXAM_DIR
 from bloom_runtime.errors import DatasetError, InputError
 
 HEADER = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
@@ -133,7 +134,7 @@ def test_categories_average_subjects_and_avg_hard_uses_the_hard_subjects():
 def small_exam(tmp_path):
     """Two subjects of the embedded exam, copied so that tests may damage them."""
     root = tmp_path / "exam"
-    shutil.copytree(ceval.EMBEDDED_EXAM, root)
+    shutil.copytree(EXAM_DIR, root)
     return root
 
 
@@ -209,7 +210,7 @@ def test_ceval_drops_shots_to_fit_the_context():
     shots = {p.shots for p in result.predictions}
     assert shots and max(shots) < 5 and min(shots) >= 0 and not result.classes["unfit"]
     engine = br.load(max_seq_len=150)
-    exam = ceval.load_exam(ceval.EMBEDDED_EXAM, subjects=["law"])
+    exam = ceval.load_exam(EXAM_DIR, subjects=["law"])
     for p in result.predictions[:3]:
         q = next(q for q in exam.questions["law"] if q.id == p.id)
         longer = ceval_prompt(exam.subjects["law"], exam.dev["law"][: p.shots + 1], q)

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from compare import left_padded_batch, relative_error
 from hf_checkpoints import LAYOUTS, hf_model, save
+from random_batches import left_padded_batch
 from safetensors.torch import load_file, save_file
 
 import bloom_runtime as br
 from bloom_runtime import CheckpointError, ConfigError
+from bloom_runtime.agreement import relative_error
 
 FIELDS = dict(n_head=3, hidden_size=48, vocab_size=251, n_layer=2)
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compare import left_padded_batch, relative_error
 from hf_checkpoints import hf_model, save
+from random_batches import left_padded_batch
 
 import bloom_runtime as br
+from bloom_runtime.agreement import relative_error
 from bloom_runtime.kv_cache import KVCache
 
 F32_TOLERANCE = 1e-5

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compare import left_padded_batch, relative_error, top1_agreement
 from hf_checkpoints import hf_model, save
+from random_batches import left_padded_batch
 
 import bloom_runtime as br
+from bloom_runtime.agreement import relative_error, top1_agreement
 
 TOLERANCE = {  # dtype: (minimum top-1 agreement, maximum relative error)
     "bfloat16": (0.93, 0.05),

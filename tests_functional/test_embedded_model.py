@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from compare import relative_error
 from safetensors.torch import load_file
 from transformers import BloomForCausalLM
 
 import bloom_runtime as br
-from bloom_runtime.engine import TINY_DIR
+from bloom_runtime.agreement import relative_error
+from bloom_runtime.embedded import TINY_DIR
 
 ROOT = Path(__file__).parents[1]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compare import left_padded_batch
 from hf_checkpoints import hf_model, save
+from random_batches import left_padded_batch
 
 import bloom_runtime as br
 from bloom_runtime import InputError

@@ -14,13 +14,16 @@ import sys
 
 import pytest
 import torch
-from compare import left_padded_batch, relative_error, top1_agreement
-from distributed import run_ranks
 from hf_checkpoints import hf_model, save
+from random_batches import left_padded_batch
 from safetensors.torch import load_file, save_file
+from spawn_ranks import run_ranks
 
 import bloom_runtime as br
 from bloom_runtime import CheckpointError, DistributedError
+from bloom_runtime.agreement import relative_error, top1_agreement
+from bloom_runtime.embedded import TINY_DIR
+from bloom_runtime.quant import QuantSpec
 from bloom_runtime.weights import cut_checkpoint, quantize_checkpoint
 
 CONFIGS = {
@@ -54,7 +57,7 @@ def checkpoints(tmp_path_factory):
         full = save(hf_model(seed=17, **fields), root / name)
         made[name] = full
         made[name + "-cut"] = cut_checkpoint(full, root / f"{name}-cut", tp=2)
-        quantized = quantize_checkpoint(full, root / f"{name}-w8a8-static", br.quant.QuantSpec("static"))
+        quantized = quantize_checkpoint(full, root / f"{name}-w8a8-static", QuantSpec("w8a8-static"))
         made[name + "-int8-cut"] = cut_checkpoint(quantized, root / f"{name}-int8-cut", tp=2)
         made[name + "-int8"] = quantized
     return made
@@ -141,7 +144,7 @@ def test_a_failing_rank_makes_every_rank_raise(checkpoints, tmp_path, damage):
 
 
 def test_torchrun_generate_prints_once_and_matches_tp1(tmp_path):
-    cut = cut_checkpoint(br.engine.TINY_DIR, tmp_path / "tiny-cut", tp=2)
+    cut = cut_checkpoint(TINY_DIR, tmp_path / "tiny-cut", tp=2)
     prompt = "以下是中国关于计算机网络考试的单项选择题"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

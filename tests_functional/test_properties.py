@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compare import relative_error
+import torch.nn.functional as F
 from hf_checkpoints import hf_model, save
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bloom_runtime as br
+from bloom_runtime.agreement import relative_error
+from bloom_runtime.tokenizer import left_pad
 
 VOCAB = 123
 
@@ -27,12 +29,9 @@ rows = st.lists(st.lists(st.integers(4, VOCAB - 1), min_size=1, max_size=12), mi
 @given(prompts=rows, extra_pad=st.integers(0, 3), new=st.integers(1, 6))
 def test_any_left_padded_batch_matches_reference_row_by_row(pair, prompts, extra_pad, new):
     engine, reference = pair
-    width = max(map(len, prompts)) + extra_pad
-    ids = torch.full((len(prompts), width), 3)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(prompts):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
+    ids, mask = left_pad(prompts, pad_token_id=3)
+    ids, mask = F.pad(ids, (extra_pad, 0), value=3), F.pad(mask, (extra_pad, 0))  # padding in every row
+    width = ids.shape[1]
     logits = engine.logits(ids, mask)
     generated = engine.generate(ids, mask, max_new_tokens=new)
     for i, row in enumerate(prompts):

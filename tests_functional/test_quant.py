@@ -11,17 +11,18 @@ import json
 
 import pytest
 import torch
-from compare import left_padded_batch, top1_agreement
 from hf_checkpoints import hf_model, save
+from random_batches import left_padded_batch
 from safetensors.torch import load_file, save_file
 
 import bloom_runtime as br
 from bloom_runtime import CheckpointError, InputError
+from bloom_runtime.agreement import kl_divergence, top1_agreement
 from bloom_runtime.cli import main as cli
 from bloom_runtime.quant import Int8Linear, Int8WeightOnlyLinear, QuantSpec, quantize_weight
 
 FIELDS = dict(n_head=4, hidden_size=128, n_layer=4, vocab_size=1001)
-MODELSLIM = QuantSpec(activation="static-asym", alpha=None, float_layers=(1,))  # the guide's recipe
+MODELSLIM = QuantSpec("w8a8-static-asym", alpha=None, float_layers=(1,))  # the guide's recipe
 BOUNDS = {  # name: (spec, min top-1, max KL)          measured top-1 / KL
     "w8a16": (QuantSpec.from_name("w8a16"), 0.93, 0.025),  # 0.949 / 0.0133 (int8 head)
     "w8a8": (QuantSpec.from_name("w8a8"), 0.90, 0.04),  # 0.926 / 0.021
@@ -41,11 +42,6 @@ def reference(checkpoint):
     return ids, mask, br.load(checkpoint).logits(ids, mask)
 
 
-def kl_divergence(ours: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
-    log_p, log_q = ref.log_softmax(-1), ours.log_softmax(-1)
-    return float((log_p.exp() * (log_p - log_q)).sum(-1)[mask.bool()].mean())
-
-
 def scheme_figures(checkpoint, reference, spec) -> tuple[float, float]:
     ids, mask, ref = reference
     ours = br.load(checkpoint, quant=spec).logits(ids, mask)
@@ -62,8 +58,8 @@ def test_int8_scheme_close_to_float32(checkpoint, reference, name):
 
 def test_dynamic_activations_beat_static_ones(checkpoint, reference):
     """Per-token scales adapt to each token; one calibrated scale cannot (measured 0.021 vs 0.035)."""
-    _, dynamic_kl = scheme_figures(checkpoint, reference, QuantSpec("dynamic"))
-    _, static_kl = scheme_figures(checkpoint, reference, QuantSpec("static"))
+    _, dynamic_kl = scheme_figures(checkpoint, reference, QuantSpec("w8a8"))
+    _, static_kl = scheme_figures(checkpoint, reference, QuantSpec("w8a8-static"))
     assert dynamic_kl < static_kl
 
 
@@ -116,11 +112,11 @@ def test_w8a16_any_width_and_dtype(width, dtype_name):
 def test_smoothing_alone_changes_nothing_in_float(checkpoint, reference):
     """Folding SmoothQuant's scales into LayerNorm and weights is an identity before rounding."""
     from bloom_runtime.calibration import calibration_ids
-    from bloom_runtime.quant import _smooth
+    from bloom_runtime.quant.smoothquant import smooth
 
     ids, mask, ref = reference
     engine = br.load(checkpoint)
-    _smooth(engine.model, QuantSpec(alpha=0.5), calibration_ids(None, FIELDS["vocab_size"], 8))
+    smooth(engine.model, 0.5, calibration_ids(None, FIELDS["vocab_size"], 8))
     ours = engine.logits(ids, mask)
     assert float((ours - ref)[mask.bool()].abs().max() / ref.abs().max()) <= 1e-5
 
@@ -133,11 +129,11 @@ def test_calibration_is_reproducible(checkpoint):
 
 
 @pytest.mark.parametrize("args, spec", [
-    (["--scheme", "w8a8"], QuantSpec("dynamic")),
-    (["--scheme", "w8a8", "--activation", "static"], QuantSpec("static")),
-    (["--scheme", "w8a16"], QuantSpec(None, None, int8_head=True)),
+    (["--scheme", "w8a8"], QuantSpec("w8a8")),
+    (["--scheme", "w8a8", "--activation", "static"], QuantSpec("w8a8-static")),
+    (["--scheme", "w8a16"], QuantSpec("w8a16", None, head="w8a16")),
     (["--activation", "static-asym", "--no-smooth", "--float-layers", "1"],
-     QuantSpec("static-asym", None, (1,))),
+     QuantSpec("w8a8-static-asym", None, (1,))),
 ])  # fmt: skip
 def test_quantized_checkpoint_round_trip(checkpoint, reference, tmp_path, args, spec):
     ids, mask, _ = reference

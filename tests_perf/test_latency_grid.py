@@ -13,8 +13,7 @@ import math
 import pandas as pd
 import pytest
 
-from bloom_runtime import bench
-from bloom_runtime.bench import cases
+from bloom_runtime.bench import cases, harness
 from bloom_runtime.bench.metrics import GUIDE_COLUMNS
 
 pytestmark = pytest.mark.perf
@@ -22,8 +21,9 @@ PEERS = ("hf", "ctranslate2") if importlib.util.find_spec("ctranslate2") else ("
 
 
 def run(tmp_path, name, **kwargs):
-    opts = bench.PerfOptions(output=tmp_path / f"{name}.csv", cache=tmp_path.parent / "peer-cache", **kwargs)
-    rows, meta = bench.run(opts, progress=False)
+    opts = harness.PerfOptions(output=tmp_path / f"{name}.csv", cache=tmp_path.parent / "peer-cache",
+                               **kwargs)
+    rows, meta, _ = harness.run(opts, progress=False)
     return opts, rows, meta
 
 

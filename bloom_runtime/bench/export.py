@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from .. import files
 from ..files import replace_atomically
+from ..plotting import pyplot
 from .metrics import GUIDE_COLUMNS
 
 ID_COLUMNS = ["engine", "case"]
@@ -31,17 +33,12 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
 
 
 def write_json(df: pd.DataFrame, meta: dict, path: Path) -> None:
-    payload = {**meta, "results": json.loads(df.to_json(orient="records"))}
-    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
+    files.write_json(path, {**meta, "results": json.loads(df.to_json(orient="records"))})
 
 
 def write_plot(df: pd.DataFrame, path: Path, title: str) -> None:
     """Latency vs seq_in, one panel per figure, one line per (engine, seq_out, batch)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, column in zip(axes, ("TimeOfFirstToken(ms)", "TimePerToken(ms)")):
         for (engine, seq_out, batch), group in df.groupby(["engine", "OutputSeqLen(Decoding)", "Batch"]):

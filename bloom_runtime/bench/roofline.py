@@ -3,7 +3,9 @@
 Decode is bound by memory: every step reads all weights (and the KV cache), so
 next-token latency >= bytes / bandwidth. Prefill is bound by arithmetic:
 first-token latency >= FLOPs / peak. Both limits are measured on this machine
-once per run, with the run's dtype and thread count.
+once per run, with the run's dtype and thread count. Under tensor parallelism
+every count is this rank's: bytes from the loaded model, FLOPs from a float
+skeleton cut the same way.
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ from __future__ import annotations
 import time
 
 import torch
+from torch import nn
 
+from ..config import BloomConfig
 from ..model import Bloom
+from ..parallel import Shard
+from ..quant import QuantSpec
 
 
 def _best_seconds(fn, repeat: int = 5) -> float:
@@ -43,23 +49,35 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024) -> floa
     return 2 * n**3 / seconds
 
 
-def weight_bytes(model: Bloom) -> int:
+def limits(model: Bloom, device: torch.device, quant: str | None, dtype: torch.dtype) -> dict:
+    """This machine's bandwidth and matmul peak (int8 where the scheme quantizes activations),
+    and the bytes of `model`'s weights."""
+    int8 = quant is not None and QuantSpec.from_name(quant).linear_class.ACTIVATIONS is not None
+    return {
+        "bandwidth": memory_bandwidth(device),
+        "peak_flops": matmul_peak(device, torch.int8 if int8 else dtype),
+        "weight_bytes": weight_bytes(model),
+    }
+
+
+def weight_bytes(model: nn.Module) -> int:
     """Bytes one decode step reads: every parameter once (the tied head reads the embedding)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def kv_bytes(model: Bloom, batch: int, length: int) -> int:
-    """Bytes of cached keys and values a step attends over."""
+    """Bytes of cached keys and values a step attends over (this rank's heads)."""
     cfg, elem = model.config, model.ln_f.weight.element_size()
-    return 2 * cfg.n_layer * batch * length * cfg.hidden_size * elem
+    return 2 * cfg.n_layer * batch * length * len(model.heads) * cfg.head_dim * elem
 
 
-def prefill_flops(model: Bloom, batch: int, seq_in: int) -> float:
+def prefill_flops(config: BloomConfig, shard: Shard, batch: int, seq_in: int) -> float:
     """FLOPs to run a prompt: 2 per weight per token (block linears, and the head for the last
-    token), plus causal attention (q.k and p.v over half the square)."""
-    cfg = model.config
-    h = cfg.hidden_size
-    linear = 12 * h * h * cfg.n_layer
-    head = cfg.vocab_size * h
-    attention = 2 * 2 * cfg.n_layer * seq_in * seq_in * h / 2
+    token), plus causal attention (q.k and p.v over half the square), for rank `shard.rank`'s part."""
+    from ..loader import skeleton
+
+    part = skeleton(config, shard=shard)
+    linear = sum(m.weight.numel() for block in part.block_linears() for m in block.values())
+    head = part.word_embeddings.weight.numel()
+    attention = 2 * 2 * config.n_layer * seq_in * seq_in * len(part.heads) * config.head_dim / 2
     return batch * (2 * linear * seq_in + 2 * head + attention)

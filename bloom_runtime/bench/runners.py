@@ -17,10 +17,9 @@ import torch
 
 from ..engine import Engine
 from ..errors import InputError
+from ..files import staged_output
 from ..tokenizer import FILENAME as TOKENIZER_FILE
 from ..tokenizer import write_tokenizer_config
-
-PEERS = ("hf", "ctranslate2")
 
 
 class OursRunner:
@@ -113,8 +112,8 @@ def _convert(directory: Path, output: Path, compute_type: str) -> None:
 
     quantization = "int8" if compute_type.startswith("int8") else compute_type
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(output.name + ".tmp")
-    with tempfile.TemporaryDirectory(dir=output.parent) as view:
+    with tempfile.TemporaryDirectory(dir=output.parent) as view, \
+            staged_output(output, [directory], force=True) as staging:
         source = directory
         if not (directory / TOKENIZER_FILE).is_file():
             source = Path(view)
@@ -122,7 +121,6 @@ def _convert(directory: Path, output: Path, compute_type: str) -> None:
                 (source / file.name).symlink_to(file.resolve())
             _placeholder_tokenizer(json.loads((directory / "config.json").read_text())["vocab_size"], source)
         TransformersConverter(str(source)).convert(str(staging), quantization=quantization, force=True)
-    staging.rename(output)
 
 
 def _placeholder_tokenizer(vocab_size: int, directory: Path) -> None:

@@ -9,12 +9,12 @@ hold each explicitly.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from ..files import replace_atomically
+from ..files import replace_atomically, write_json
+from ..plotting import pyplot
 from .cache import Prediction
 from .dataset import CATEGORIES, HARD, Subject
 
@@ -59,25 +59,17 @@ def classes_result(table: pd.DataFrame, method: str, run: dict, unfit: list[Pred
 def write(output: Path, table: pd.DataFrame, classes: dict, predictions: list[Prediction]) -> None:
     """result_classes_acc.json, result_subject_acc.json, result_subject_acc.csv, result_subject_acc.png."""
     subject_acc = dict(zip(table["subject"], table["accuracy"].astype(float)))
-    _json(output / "result_classes_acc.json", classes)
-    _json(output / "result_subject_acc.json", subject_acc)
+    write_json(output / "result_classes_acc.json", classes)
+    write_json(output / "result_subject_acc.json", subject_acc)
     replace_atomically(output / "result_subject_acc.csv", lambda tmp: table.to_csv(tmp, index=False))
     replace_atomically(output / "result_subject_acc.png", lambda tmp: _plot(table, classes, tmp))
 
 
-def _json(path: Path, payload: dict) -> None:
-    text = json.dumps(payload, ensure_ascii=False, indent=2) + "\n"
-    replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def _plot(table: pd.DataFrame, classes: dict, path: Path) -> None:
     """Accuracy per subject, coloured by category, with chance (0.25) and Avg drawn across."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
+    plt = pyplot()
     ordered = table.assign(order=table["category"].map(CATEGORIES.index)).sort_values(["order", "subject"])
     colours = dict(zip(CATEGORIES, plt.get_cmap("tab10").colors))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(ordered) + 2), 4.5))

@@ -1,0 +1,39 @@
+"""What every quantization scheme declares, so the rest of the package never names one.
+
+A scheme is a module class: its `forward` calls its kernel, `STORED` lists the
+tensors a checkpoint holds for it (kinds and split axes, see tensors.py),
+`empty_like` builds the skeleton a checkpoint fills, `from_float` makes it from
+a float module (with calibration statistics when `calibrated`), and `WEIGHTS` /
+`ACTIVATIONS` / `FORMAT` are its compressed-tensors description.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ..calibration import ActivationStats
+from ..tensors import Stored
+
+
+class QuantizedLinear(nn.Module):
+    """Base of a scheme's replacement for a block's float `Linear`."""
+
+    scheme: ClassVar[str]  # the name users pass: --quant / weights quant --scheme
+    STORED: ClassVar[dict[str, Stored]]
+    FORMAT: ClassVar[str]  # compressed-tensors' name for how the weights are packed
+    WEIGHTS: ClassVar[dict[str, Any]]  # compressed-tensors' QuantizationArgs of the weights
+    ACTIVATIONS: ClassVar[dict[str, Any] | None] = None  # ... of the inputs; None: left in float
+    calibrated: ClassVar[bool] = False  # made with activation statistics (static scales)
+    split: str | None = None  # copied from the float linear: how tensor parallelism cuts it
+
+    @classmethod
+    def empty_like(cls, linear: nn.Module) -> QuantizedLinear:
+        """An uninitialised module shaped like the float `linear`, for a checkpoint to fill."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, stats: ActivationStats | None) -> QuantizedLinear:
+        """Quantize a float linear (`stats`: its calibrated inputs, when `calibrated`)."""
+        raise NotImplementedError

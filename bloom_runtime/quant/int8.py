@@ -1,0 +1,193 @@
+"""INT8 schemes: weight-only W8A16, and W8A8 with per-token dynamic, per-tensor static, or
+per-tensor static asymmetric activations (the Ascend modelslim recipe).
+
+Weights are int8, symmetric, one scale per output channel. W8A8 multiplies int8
+by int8 into int32 (`kernels.int8_matmul`) and rescales once: no float matmul on
+dequantized weights. A static-asym zero point's contribution, zp * sum_k q[n, k],
+is subtracted from the int32 sums.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..calibration import ActivationStats
+from ..kernels import int8_matmul, weight_only_matmul
+from ..model import Linear, TiedEmbedding
+from ..tensors import IN, INT, OUT, SCALE, VOCAB, Stored
+from .base import QuantizedLinear
+
+CHANNEL_INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (int8 [out, in], float32 scale [out, 1])."""
+    scale = weight.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
+    q = torch.round(weight.float() / scale).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    return None if tensor is None else nn.Parameter(tensor, requires_grad=False)
+
+
+class _Int8Weights(QuantizedLinear):
+    """int8 weight [out, in] with float32 scales [out, 1] and a float bias, as compressed-tensors
+    names them."""
+
+    STORED = {"weight": Stored(INT, (OUT, IN)), "weight_scale": Stored(SCALE, (OUT, None)),
+              "bias": Linear.STORED["bias"]}  # fmt: skip
+    WEIGHTS = CHANNEL_INT8
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 split: str | None = None) -> None:
+        super().__init__()
+        self.weight = _frozen(weight)
+        self.weight_scale = _frozen(weight_scale.float())
+        self.bias = _frozen(bias)
+        self.split = split
+
+    @classmethod
+    def empty_like(cls, linear: nn.Module) -> QuantizedLinear:
+        out_f, in_f = linear.weight.shape
+        extra = {leaf: torch.empty(1, dtype=torch.int8 if s.kind == INT else torch.float32)
+                 for leaf, s in cls.STORED.items() if leaf.startswith("input_")}
+        return cls(torch.empty(out_f, in_f, dtype=torch.int8), torch.empty(out_f, 1), linear.bias,
+                   split=linear.split, **extra)
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, stats: ActivationStats | None) -> QuantizedLinear:
+        return cls(*quantize_weight(linear.weight), linear.bias, split=linear.split)
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class Int8WeightOnlyLinear(_Int8Weights):
+    """W8A16: y = x (q * scale)^T + b with the weight kept in int8 (`kernels.weight_only_matmul`)."""
+
+    scheme = "w8a16"
+    FORMAT = "naive-quantized"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_bias(weight_only_matmul(x, self.weight, self.weight_scale))
+
+
+class Int8Linear(_Int8Weights):
+    """W8A8 with per-token dynamic activation scales, computed at run time.
+
+    `reduce_absmax`, when set (by parallel.py on row-parallel ranks, which each see
+    a slice of a token), makes the scales span the whole token, so tensor-parallel
+    runs quantize exactly as a single device does.
+    """
+
+    scheme = "w8a8"
+    FORMAT = "int-quantized"
+    ACTIVATIONS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    reduce_absmax = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        q, scale = self._quantize_input(flat)
+        acc = self._correct(int8_matmul(q, self.weight.t()))
+        y = self._add_bias(acc.float() * (scale * self.weight_scale.view(-1)))
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def _quantize_input(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        absmax = flat.abs().amax(dim=1, keepdim=True)
+        if self.reduce_absmax is not None:
+            absmax = self.reduce_absmax(absmax)
+        scale = absmax.clamp(min=1e-8) / 127.0
+        return torch.round(flat / scale).clamp(-128, 127).to(torch.int8), scale
+
+    def _correct(self, acc: torch.Tensor) -> torch.Tensor:
+        return acc
+
+
+class Int8StaticLinear(Int8Linear):
+    """W8A8 with one calibrated activation scale per tensor (`input_scale`)."""
+
+    scheme = "w8a8-static"
+    calibrated = True
+    STORED = {**_Int8Weights.STORED, "input_scale": Stored(SCALE, (None,))}
+    ACTIVATIONS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 input_scale: torch.Tensor, split: str | None = None) -> None:
+        super().__init__(weight, weight_scale, bias, split)
+        self.input_scale = _frozen(input_scale.float())
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, stats: ActivationStats | None) -> QuantizedLinear:
+        scale = torch.maximum(stats.low.abs(), stats.high.abs()).clamp(min=1e-8) / 127.0
+        return cls(*quantize_weight(linear.weight), linear.bias, scale.reshape(1), split=linear.split)
+
+    def _quantize_input(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.round(flat / self.input_scale).clamp(-128, 127).to(torch.int8), self.input_scale
+
+
+class Int8StaticAsymLinear(Int8StaticLinear):
+    """W8A8 with one calibrated asymmetric scale and int8 zero point per tensor (modelslim)."""
+
+    scheme = "w8a8-static-asym"
+    STORED = {**Int8StaticLinear.STORED, "input_zero_point": Stored(INT, (None,))}
+    ACTIVATIONS = {**Int8StaticLinear.ACTIVATIONS, "symmetric": False}
+    _row_sums: torch.Tensor | None = None
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 input_scale: torch.Tensor, input_zero_point: torch.Tensor, split: str | None = None) -> None:
+        super().__init__(weight, weight_scale, bias, input_scale, split)
+        self.input_zero_point = _frozen(input_zero_point)
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, stats: ActivationStats | None) -> QuantizedLinear:
+        low, high = torch.clamp(stats.low, max=0.0), torch.clamp(stats.high, min=0.0)
+        scale = (high - low).clamp(min=1e-8) / 255.0
+        zero_point = (-128 - torch.round(low / scale)).clamp(-128, 127).to(torch.int8)
+        return cls(*quantize_weight(linear.weight), linear.bias, scale.reshape(1), zero_point.reshape(1),
+                   split=linear.split)
+
+    def _quantize_input(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.round(flat / self.input_scale) + self.input_zero_point.float()
+        return q.clamp(-128, 127).to(torch.int8), self.input_scale
+
+    def _correct(self, acc: torch.Tensor) -> torch.Tensor:
+        if self._row_sums is None:
+            # sum_k q[n, k], once: re-summing every call would read the weight twice per matmul.
+            # Lazy because checkpoints assign the weight after construction.
+            self._row_sums = self.weight.sum(dim=1, dtype=torch.int32)
+        return acc - self.input_zero_point.int() * self._row_sums
+
+
+class Int8TiedEmbedding(TiedEmbedding):
+    """The tied embedding/head in weight-only int8, one scale per vocabulary row.
+
+    The head is the largest matrix a decode step reads, so int8 halves (bf16) or
+    quarters (fp32) its cost; lookups dequantize just the rows they take.
+    """
+
+    scheme = "w8a16"
+    STORED = {"weight": Stored(INT, (VOCAB, None)), "weight_scale": Stored(SCALE, (VOCAB, None))}
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, compute_dtype: torch.dtype) -> None:
+        nn.Module.__init__(self)
+        self.weight = _frozen(weight)
+        self.weight_scale = _frozen(weight_scale)
+        self.compute_dtype = compute_dtype  # what looked-up rows dequantize to
+
+    @classmethod
+    def empty_like(cls, embedding: TiedEmbedding, dtype: torch.dtype) -> Int8TiedEmbedding:
+        rows, hidden = embedding.weight.shape
+        return cls(torch.empty(rows, hidden, dtype=torch.int8), torch.empty(rows, 1), dtype)
+
+    @classmethod
+    def from_float(cls, embedding: TiedEmbedding, dtype: torch.dtype) -> Int8TiedEmbedding:
+        return cls(*quantize_weight(embedding.weight), dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = super().forward(input_ids).to(self.compute_dtype)
+        return rows * nn.functional.embedding(input_ids, self.weight_scale).to(self.compute_dtype)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return weight_only_matmul(x, self.weight, self.weight_scale)
