@@ -1,8 +1,10 @@
-"""The one place that knows about device kinds: cpu, cuda and Ascend npu.
+"""Device kinds (cpu, cuda, Ascend npu): resolving a name to a usable device, and the
+per-kind calls the harness needs (synchronize, peak memory).
 
 NPU support comes from `torch_npu`, imported only when an npu device is asked
-for; it registers `torch.npu` and the "npu" device type with PyTorch. Nothing
-else in the package names a device kind.
+for; it registers `torch.npu` and the "npu" device type with PyTorch. Two other
+modules branch on the kind, each for its own concern: kernels.py (which kernel a
+device has) and parallel.py (the collective backend per kind).
 """
 
 from __future__ import annotations

@@ -27,20 +27,24 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     """
     flat = x.reshape(-1, x.shape[-1])
     act = flat.to(torch.bfloat16) if flat.dtype == torch.float32 else flat
-    if act.shape[0] <= INT8PACK_MAX_ROWS and _int8pack_supports(act):
+    if weight_only_kernel(act) == "int8pack":
         y = torch.ops.aten._weight_int8pack_mm(act, weight, scale.view(-1).to(act.dtype))
         return y.to(x.dtype).view(*x.shape[:-1], -1)
     return F.linear(x, weight.to(x.dtype)) * scale.view(-1).to(x.dtype)
 
 
-def _int8pack_supports(x: torch.Tensor) -> bool:
-    """Where `_weight_int8pack_mm` is safe: CPU, and for bfloat16 an input width divisible by 16.
+def weight_only_kernel(act: torch.Tensor) -> str:
+    """Which W8A16 kernel serves 16-bit activations `act` [rows, K]: "int8pack" (aten's
+    `_weight_int8pack_mm`) or "dequantize" (dequantize, then a GEMM).
 
-    In torch 2.13 its bfloat16 CPU kernel segfaults on other widths (seen at
-    K=72, a tensor-parallel slice of a 144-wide model); real BLOOM widths are
-    multiples of 16 per rank, so only toy shapes take the fallback.
+    int8pack takes few rows on CPU only; and for bfloat16 only an input width
+    divisible by 16: in torch 2.13 its bfloat16 CPU kernel segfaults on other
+    widths (seen at K=72, a tensor-parallel slice of a 144-wide model); real BLOOM
+    widths are multiples of 16 per rank, so only toy shapes take the fallback.
     """
-    return x.device.type == "cpu" and (x.dtype != torch.bfloat16 or x.shape[-1] % 16 == 0)
+    rows, width = act.shape
+    safe = act.device.type == "cpu" and (act.dtype != torch.bfloat16 or width % 16 == 0)
+    return "int8pack" if rows <= INT8PACK_MAX_ROWS and safe else "dequantize"
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

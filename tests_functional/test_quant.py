@@ -95,14 +95,16 @@ def test_w8a16_equals_dequantized_weight_math():
     assert float((y - expected).abs().max() / expected.abs().max()) < 1e-2
 
 
+@pytest.mark.parametrize("rows", [4, 192], ids=["decode-kernel", "prefill-gemm"])
 @pytest.mark.parametrize("width", [72, 144])
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
-def test_w8a16_any_width_and_dtype(width, dtype_name):
-    """Widths that are not a multiple of 16 once crashed aten's bfloat16 int8 kernel."""
+def test_w8a16_any_width_and_dtype(rows, width, dtype_name):
+    """Widths that are not a multiple of 16 once crashed aten's bfloat16 int8 kernel: 4 rows reach
+    the decode kernel and its width guard, 192 the dequantizing GEMM."""
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(2)
     q, scale = quantize_weight(torch.randn(96, width))
-    x = torch.randn(192, width).to(dtype)
+    x = torch.randn(rows, width).to(dtype)
     y = Int8WeightOnlyLinear(q, scale, None)(x)
     expected = x.float() @ (q.float() * scale).t()
     assert y.dtype == dtype

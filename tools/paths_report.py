@@ -12,34 +12,28 @@ mean KL(float32 || path), and whether 32 greedy tokens are identical.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests_functional"))
-from compare import left_padded_batch, relative_error, top1_agreement  # noqa: E402
-
-import bloom_runtime as br  # noqa: E402
-from bloom_runtime import parallel  # noqa: E402
+import bloom_runtime as br
+from bloom_runtime.agreement import kl_divergence, relative_error, top1_agreement
+from bloom_runtime.tokenizer import left_pad
 
 PATHS = [("float32", None), ("bfloat16", None), ("float16", None),
          ("float32", "w8a8"), ("float32", "w8a8-static"), ("bfloat16", "w8a16")]  # fmt: skip
 
 
-def kl(ours: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
-    log_p, log_q = ref.log_softmax(-1), ours.log_softmax(-1)
-    return float((log_p.exp() * (log_p - log_q)).sum(-1)[mask.bool()].mean())
+def prompts(vocab: int, lengths: list[int], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return left_pad([torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths], pad_token_id)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
     args = parser.parse_args()
-    world = parallel.world_from_env()
     reference = br.load(args.model, tp=1)
-    ids, mask = left_padded_batch(reference.config.vocab_size, [48, 32, 17, 48], seed=0)
+    ids, mask = prompts(reference.config.vocab_size, [48, 32, 17, 48], reference.config.pad_token_id)
     ref_logits, ref_tokens = reference.logits(ids, mask), reference.generate(ids, mask, max_new_tokens=32)
     del reference
     rows = []
@@ -47,10 +41,11 @@ def main() -> None:
         engine = br.load(args.model, dtype=dtype, quant=quant)
         logits = engine.logits(ids, mask)
         same = torch.equal(engine.generate(ids, mask, max_new_tokens=32), ref_tokens)
-        rows.append((dtype, quant or "-", world, top1_agreement(logits, ref_logits, mask),
-                     relative_error(logits, ref_logits, mask), kl(logits, ref_logits, mask), same))
+        rows.append((dtype, quant or "-", engine.shard.world, top1_agreement(logits, ref_logits, mask),
+                     relative_error(logits, ref_logits, mask), kl_divergence(logits, ref_logits, mask), same))
+        is_main = engine.shard.is_main
         del engine
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main:
         print(f"model {args.model}: each path vs float32 tp=1")
         print("| dtype | quant | tp | top-1 | max err / scale | KL | 32 greedy tokens identical |")
         print("|---|---|---|---|---|---|---|")

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,9 +33,11 @@ import bloom_runtime as br  # noqa: E402
 from bloom_runtime import ceval  # noqa: E402
 from bloom_runtime.ceval.dataset import Question, Subject  # noqa: E402
 from bloom_runtime.ceval.prompts import atb_prompt, ceval_prompt  # noqa: E402
+from bloom_runtime.embedded import TINY_DIR  # noqa: E402
+from bloom_runtime.files import staged_output  # noqa: E402
 from bloom_runtime.tokenizer import write_tokenizer_config  # noqa: E402
 
-DEFAULT_OUTPUT = Path(__file__).parents[1] / "bloom_runtime" / "assets" / "tiny"
+DEFAULT_OUTPUT = TINY_DIR
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, as in BLOOM
 SHAPE = dict(vocab_size=3000, hidden_size=144, n_layer=4, n_head=6)
 ANSWER_WEIGHT = 5.0
@@ -163,15 +163,13 @@ def train(model, batches: Batches, steps: int, lr: float, evaluate, eval_every: 
 
 def write(args: argparse.Namespace) -> None:
     output: Path = args.output
-    if output.exists() and any(output.iterdir()) and not args.force:
-        sys.exit(f"{output} exists and is not empty; pass --force to replace it")
+    if output.exists() and not args.force:
+        sys.exit(f"{output} exists; pass --force to replace it")
     torch.set_num_threads(args.threads)
     facts = make_facts(args.seed)
     tokenizer = train_tokenizer(Documents(facts, args.seed), SHAPE["vocab_size"])
     model = new_model(tokenizer.get_vocab_size(), args.seed)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=".tiny-"))
-    try:
+    with staged_output(output, [], force=args.force) as staging:
         write_exam(staging / "ceval", facts, args.seed)
         batches = Batches(Documents(facts, args.seed + 1), tokenizer, args.batch, args.seq)
         start = time.perf_counter()
@@ -183,11 +181,6 @@ def write(args: argparse.Namespace) -> None:
         calib = Documents(facts, args.seed + 2)  # INT8 calibration: exam-like text not trained on
         text = "\n\n".join(next(calib) for _ in range(200))
         (staging / "calibration.txt").write_text(text, encoding="utf-8")
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {output}")
 
 
