@@ -20,7 +20,7 @@ from transformers import BloomForCausalLM
 
 import bloom_runtime as br
 from bloom_runtime import ceval
-from bloom_runtime.ceval import prompts, scoring
+from bloom_runtime.ceval import evaluation, prompts, scoring
 from bloom_runtime.ceval.dataset import LETTERS
 from bloom_runtime.config import PRESETS, BloomConfig
 from bloom_runtime.embedded import EXAM_DIR, TINY_DIR
@@ -120,7 +120,7 @@ def test_shuffled_answer_key_scores_near_chance(float32_result):
 def test_shifted_answer_token_lowers_the_score(float32_result, monkeypatch):
     """Reading the logits of the next letter along (B for A, ...) must not score."""
     real = scoring.letter_ids
-    monkeypatch.setattr(ceval, "letter_ids", lambda engine: [i + 1 for i in real(engine)])
+    monkeypatch.setattr(evaluation, "letter_ids", lambda engine: [i + 1 for i in real(engine)])
     broken = _evaluate("tiny", "float32", None, "ceval")
     assert broken.classes["Avg"] <= float32_result.classes["Avg"] - SABOTAGE_MARGIN
 
