@@ -2,9 +2,8 @@
 per-tensor static asymmetric activations (the Ascend modelslim recipe).
 
 Weights are int8, symmetric, one scale per output channel. W8A8 multiplies int8
-by int8 into int32 (`kernels.int8_matmul`) and rescales once: no float matmul on
-dequantized weights. A static-asym zero point's contribution, zp * sum_k q[n, k],
-is subtracted from the int32 sums.
+by int8 with exact integer sums (`kernels.Int8Gemm`, oneDNN on CPU) and rescales
+once: no float matmul on dequantized weights.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from ..calibration import ActivationStats
-from ..kernels import int8_matmul, weight_only_matmul
+from ..kernels import Int8Gemm, weight_only_matmul
 from ..model import Linear, TiedEmbedding
 from ..tensors import IN, INT, OUT, SCALE, VOCAB, Stored
 from .base import QuantizedLinear
@@ -26,6 +25,16 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = weight.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
     q = torch.round(weight.float() / scale).clamp(-127, 127).to(torch.int8)
     return q, scale
+
+
+def quantize_per_token(flat: torch.Tensor, reduce_absmax=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 rows of `flat` [M, K] with one scale per row [M, 1] (`reduce_absmax`
+    widens each row's |max| over tensor-parallel ranks)."""
+    absmax = torch.linalg.vector_norm(flat, ord=float("inf"), dim=1, keepdim=True)  # max |x|, one pass
+    if reduce_absmax is not None:
+        absmax = reduce_absmax(absmax)
+    scale = absmax.clamp(min=1e-8) / 127.0
+    return torch.round(flat / scale).clamp(-128, 127).to(torch.int8), scale
 
 
 def _frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
@@ -86,23 +95,20 @@ class Int8Linear(_Int8Weights):
     FORMAT = "int-quantized"
     ACTIVATIONS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
     reduce_absmax = None
+    _gemm: Int8Gemm | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
         q, scale = self._quantize_input(flat)
-        acc = self._correct(int8_matmul(q, self.weight.t()))
-        y = self._add_bias(acc.float() * (scale * self.weight_scale.view(-1)))
-        return y.to(x.dtype).view(*x.shape[:-1], -1)
+        if self._gemm is None:  # on first use: checkpoints assign the weight after construction
+            self._gemm = Int8Gemm(self.weight, self.weight_scale, self._zero_point())
+        return self._gemm(q, scale, self.bias).to(x.dtype).view(*x.shape[:-1], -1)
 
     def _quantize_input(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        absmax = flat.abs().amax(dim=1, keepdim=True)
-        if self.reduce_absmax is not None:
-            absmax = self.reduce_absmax(absmax)
-        scale = absmax.clamp(min=1e-8) / 127.0
-        return torch.round(flat / scale).clamp(-128, 127).to(torch.int8), scale
+        return quantize_per_token(flat, self.reduce_absmax)
 
-    def _correct(self, acc: torch.Tensor) -> torch.Tensor:
-        return acc
+    def _zero_point(self) -> int:
+        return 0
 
 
 class Int8StaticLinear(Int8Linear):
@@ -133,7 +139,6 @@ class Int8StaticAsymLinear(Int8StaticLinear):
     scheme = "w8a8-static-asym"
     STORED = {**Int8StaticLinear.STORED, "input_zero_point": Stored(INT, (None,))}
     ACTIVATIONS = {**Int8StaticLinear.ACTIVATIONS, "symmetric": False}
-    _row_sums: torch.Tensor | None = None
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  input_scale: torch.Tensor, input_zero_point: torch.Tensor, split: str | None = None) -> None:
@@ -152,12 +157,8 @@ class Int8StaticAsymLinear(Int8StaticLinear):
         q = torch.round(flat / self.input_scale) + self.input_zero_point.float()
         return q.clamp(-128, 127).to(torch.int8), self.input_scale
 
-    def _correct(self, acc: torch.Tensor) -> torch.Tensor:
-        if self._row_sums is None:
-            # sum_k q[n, k], once: re-summing every call would read the weight twice per matmul.
-            # Lazy because checkpoints assign the weight after construction.
-            self._row_sums = self.weight.sum(dim=1, dtype=torch.int32)
-        return acc - self.input_zero_point.int() * self._row_sums
+    def _zero_point(self) -> int:
+        return int(self.input_zero_point)
 
 
 class Int8TiedEmbedding(TiedEmbedding):
@@ -191,3 +192,22 @@ class Int8TiedEmbedding(TiedEmbedding):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return weight_only_matmul(x, self.weight, self.weight_scale)
+
+
+class Int8DynamicTiedEmbedding(Int8TiedEmbedding):
+    """The tied embedding/head for W8A8: int8 rows as for W8A16, and a head that multiplies
+    per-token int8 activations by them on the int8 GEMM (as CTranslate2's int8 head does).
+
+    The head is the largest matrix a decode step reads: on bloom-560m it is 257 MB in
+    int8 against 1 GB in float32, 10 ms a step on oneDNN against 34 ms.
+    """
+
+    scheme = "w8a8"
+    _gemm: Int8Gemm | None = None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        q, scale = quantize_per_token(flat)
+        if self._gemm is None:
+            self._gemm = Int8Gemm(self.weight, self.weight_scale)
+        return self._gemm(q, scale).to(x.dtype).view(*x.shape[:-1], -1)

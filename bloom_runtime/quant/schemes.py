@@ -7,11 +7,17 @@ kernels.py if it needs a new one; tests.
 from __future__ import annotations
 
 from .base import QuantizedLinear
-from .int8 import Int8Linear, Int8StaticAsymLinear, Int8StaticLinear, Int8TiedEmbedding, Int8WeightOnlyLinear
+from .int8 import (
+    Int8DynamicTiedEmbedding,
+    Int8Linear,
+    Int8StaticAsymLinear,
+    Int8StaticLinear,
+    Int8TiedEmbedding,
+    Int8WeightOnlyLinear,
+)
 
 LINEARS: dict[str, type[QuantizedLinear]] = {
     cls.scheme: cls for cls in (Int8Linear, Int8StaticLinear, Int8StaticAsymLinear, Int8WeightOnlyLinear)
 }
-# Schemes that also quantize the tied embedding/head (weight-only schemes: the head's input
-# is the final LayerNorm's output, which nothing else reads).
-HEADS = {cls.scheme: cls for cls in (Int8TiedEmbedding,)}
+# Schemes that also quantize the tied embedding/head by default (`--float-head` keeps it float).
+HEADS = {cls.scheme: cls for cls in (Int8TiedEmbedding, Int8DynamicTiedEmbedding)}
