@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# aten's int8 weight-pack kernel is a matrix-vector kernel: on a 2-core Xeon (AMX) it
-# reads int8 weights at ~35 GB/s, beating bfloat16 2.4x at one row (1024x4096), but
-# loses 4x at 64 rows (prefill), where dequantize + GEMM wins; the crossover is ~12.
-INT8PACK_MAX_ROWS = 8
+# aten's int8 weight-pack kernel is a matrix-vector kernel: its time grows with every row.
+# Dequantize + GEMM pays a bfloat16 copy of the weight per call instead. Measured with 24
+# distinct 4096x1024 weights streaming from memory (2 threads, AVX-512 VNNI Xeon), int8pack /
+# dequantize ms: 8 rows 20.1 / 48.0, 16 rows 33.5 / 47.2, 32 rows 58.8 / 62.8, 48 rows
+# 83.9 / 78.8; the 250880x1024 head: 8 rows 54 / 198, 32 rows 204 / 272. Crossover ~40 rows.
+INT8PACK_MAX_ROWS = 32
 
 
 def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,7 @@ def test_w8a16_equals_dequantized_weight_math():
     linear = torch.nn.Linear(64, 48)
     q, scale = quantize_weight(linear.weight)
     module = Int8WeightOnlyLinear(q, scale, linear.bias.detach())
-    prefill, decode = torch.randn(3, 7, 64), torch.randn(2, 1, 64)
+    prefill, decode = torch.randn(3, 12, 64), torch.randn(2, 1, 64)  # 36 rows: past int8pack's 32
     assert torch.allclose(module(prefill), prefill @ (q.float() * scale).t() + linear.bias, atol=1e-5)
     # "A16": decode rows are multiplied in bfloat16, so expect their bfloat16 rounding.
     expected = decode.bfloat16().float() @ (q.float() * scale).t() + linear.bias
@@ -118,7 +118,7 @@ def test_w8a16_equals_dequantized_weight_math():
     assert float((y - expected).abs().max() / expected.abs().max()) < 1e-2
 
 
-@pytest.mark.parametrize("rows", [4, 192], ids=["decode-kernel", "prefill-gemm"])
+@pytest.mark.parametrize("rows", [4, 192], ids=["int8pack-kernel", "dequantize-gemm"])
 @pytest.mark.parametrize("width", [72, 144])
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
 def test_w8a16_any_width_and_dtype(rows, width, dtype_name):

@@ -100,8 +100,8 @@ def test_ratios_read_below_one_as_faster_for_latency_and_above_for_throughput():
 
 @pytest.mark.parametrize("rows, width, act_dtype, kernel", [
     (1, 1024, torch.bfloat16, "int8pack"),  # decode: aten's int8 matrix-vector kernel
-    (8, 1024, torch.float16, "int8pack"),
-    (9, 1024, torch.bfloat16, "dequantize"),  # past the measured crossover: dequantize + GEMM
+    (32, 1024, torch.float16, "int8pack"),
+    (33, 1024, torch.bfloat16, "dequantize"),  # past the measured crossover: dequantize + GEMM
     (1, 72, torch.bfloat16, "dequantize"),  # the bfloat16 width guard (torch 2.13 segfaults)
     (1, 72, torch.float16, "int8pack"),
 ])  # fmt: skip
