@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -27,12 +26,6 @@ from .derived import add_derived
 from .metrics import guide_columns, summarize
 from .peers import DEFAULT_CACHE, PEERS, make_peer, shared_checkpoint
 from .runners import OursRunner
-
-# Engines share the process and its cores: after an engine's run its OpenMP threads spin on
-# for up to ~200 ms (KMP_BLOCKTIME / GOMP_SPINCOUNT), taking the cores from the next one. On
-# bloom-560m W8A8, 256 tokens, that made our decode step 58 ms right after CTranslate2's run
-# against 43 ms alone. Each engine starts on idle cores after this pause.
-SETTLE_SECONDS = 0.5
 
 
 @dataclasses.dataclass
@@ -93,7 +86,6 @@ def run(opts: PerfOptions, progress: bool = True) -> tuple[list[dict], dict, boo
 
 
 def _measure(runner, case: Case, ids: torch.Tensor, opts: PerfOptions, device: torch.device) -> dict:
-    time.sleep(SETTLE_SECONDS)
     for _ in range(opts.warmup):
         runner.arrivals(ids, case.seq_out)
     devices.reset_peak_memory(device)
