@@ -16,6 +16,7 @@ from .errors import BloomRuntimeError, InputError
 from .loader import DTYPES, Source, load, parameter_count
 from .parallel import shutdown
 from .quant import LINEARS, QuantSpec
+from .sampling import GenerationConfig
 from .tokenizer import left_pad
 
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -31,15 +32,21 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 def _runtime_args(parser: argparse.ArgumentParser) -> None:
     _model_args(parser)
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the float parts")
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:i] or npu[:i]")
-    parser.add_argument("--quant", default=None, choices=list(LINEARS))
+    parser.add_argument("--quant", default=None, choices=list(LINEARS),
+                        help="quantize on load (a quantized checkpoint needs none)")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    engine = load(args.model, dtype=args.dtype, device=args.device, quant=args.quant)
     sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    ignored = GenerationConfig(**sampling).ignored_sampling_settings()
+    if ignored:  # as transformers warns: greedy decoding reads none of them
+        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        print(f"bloom-runtime: warning: greedy decoding ignores {flags}; add --do-sample to sample",
+              file=sys.stderr)
+    engine = load(args.model, dtype=args.dtype, device=args.device, quant=args.quant)
     if args.token_ids:
         lines = [" ".join(map(str, row)) for row in _generate_ids(engine, args.prompt, sampling)]
     else:
@@ -235,22 +242,34 @@ def _precision_parser(sub) -> None:
     prec.set_defaults(func=cmd_precision)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command's --help shows each option's default."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bloom-runtime", description="BLOOM inference runtime")
+    from . import __version__
+
+    parser = _Parser(prog="bloom-runtime", description="BLOOM inference runtime")
+    parser.add_argument("--version", action="version", version=f"bloom-runtime {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="continue one or more prompts")
     _runtime_args(gen)
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=1.0, help="with --do-sample: softmax temperature")
+    gen.add_argument("--top-k", type=int, default=0, help="with --do-sample: keep the k most likely (0: off)")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="with --do-sample: keep the most likely tokens up to this mass (1: off)")
+    gen.add_argument("--seed", type=int, default=None, help="with --do-sample: seed (default: random)")
     gen.add_argument("--token-ids", action="store_true",
                      help="prompts are space-separated token ids and the output is ids "
                           "(for models without a tokenizer, e.g. random:<preset>)")
-    gen.add_argument("prompt", nargs="+")
+    gen.add_argument("prompt", nargs="+", help="text to continue (several: one batch, left-padded)")
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="shape, parameter count and size of a model")
@@ -270,6 +289,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BloomRuntimeError as err:
         print(f"bloom-runtime: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"bloom-runtime: interrupted; {_kept(args)}", file=sys.stderr)
+        return 130
     finally:
         shutdown()
     return 0
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves behind, in the words a rerun needs."""
+    if args.command == "precision":
+        from .ceval.cache import answered
+
+        count = answered(Path(args.output_dir))
+        return f"{count} answers kept in {args.output_dir}; rerun the same command to resume"
+    if args.command == "weights":
+        return f"nothing was written: {args.output} appears only when complete"
+    if args.command == "perf" and args.output:
+        return f"the cases measured so far are in {Path(args.output).with_suffix('')}.csv/.json/.png"
+    return "nothing was kept"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 import bloom_runtime as br
 
@@ -38,3 +40,42 @@ def test_user_mistake_is_one_line_on_stderr_with_status_2(tmp_path):
 def test_bad_flag_value_exits_2():
     result = run("generate", "--dtype", "int4", "x")
     assert result.returncode == 2 and "int4" in result.stderr
+
+
+def test_version_and_defaults_in_help():
+    assert run("--version").stdout.strip() == f"bloom-runtime {br.__version__}"
+    for command, default in [("generate", "(default: 32)"), ("precision", "(default: test_result)"),
+                             ("perf", "(default: perf_results.csv)"), ("generate", "(default: float32)")]:
+        assert default in " ".join(run(command, "--help").stdout.split()), (command, default)
+
+
+def test_sampling_flags_without_do_sample_warn_and_stay_greedy():
+    prompt = "以下是中国关于计算机网络考试的单项选择题"
+    result = run("generate", "--max-new-tokens", "4", "--temperature", "0.3", "--top-k", "5", prompt)
+    assert result.returncode == 0
+    assert result.stderr == ("bloom-runtime: warning: greedy decoding ignores --temperature, --top-k; "
+                             "add --do-sample to sample\n")
+    assert result.stdout == prompt + br.load().generate_text([prompt], max_new_tokens=4)[0] + "\n"
+
+
+def test_missing_dataset_directory_is_named_as_such(tmp_path):
+    result = run("precision", "--dataset-path", str(tmp_path / "nope"))
+    assert result.returncode == 2 and "nope: no such directory" in result.stderr
+
+
+def test_ctrl_c_during_precision_keeps_answers_and_the_rerun_resumes(tmp_path):
+    out = tmp_path / "out"
+    record = out / "predictions.jsonl"
+    command = [sys.executable, "-m", "bloom_runtime", "precision", "--batch", "1", "--output-dir", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not record.is_file() or len(record.read_text().splitlines()) < 6):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    kept = len(record.read_text().splitlines()) - 1  # the first line is the run's settings
+    assert proc.returncode == 130
+    assert f"interrupted; {kept} answers kept in {out}; rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr and 5 <= kept < 480
+    again = run("precision", "--output-dir", str(out))  # the batch size is not part of the run's key
+    assert again.returncode == 0 and f"resuming: {kept} of 480 answered" in again.stderr

@@ -58,6 +58,11 @@ def read(path: Path) -> tuple[dict | None, dict[tuple[str, str], Prediction]]:
     return key, done
 
 
+def answered(directory: Path) -> int:
+    """How many questions the record in `directory` holds (0 without one)."""
+    return len(read(directory / FILENAME)[1])
+
+
 class Cache:
     """Predictions of this run: the ones already on disk, and an append-only writer."""
 

@@ -132,6 +132,8 @@ class Exam:
 
 def load_exam(root: str | Path, split: str = "val", subjects: list[str] | None = None) -> Exam:
     """Every subject's dev shots and `split` questions, validated up front."""
+    if not Path(root).is_dir():
+        raise DatasetError(f"{root}: no such directory (expected ceval-exam/ and subject_mapping.json in it)")
     mapping = load_subjects(root)
     if not (Path(root) / "ceval-exam").is_dir():
         raise DatasetError(f"{Path(root) / 'ceval-exam'}: not found (unzip ceval-exam.zip under {root})")

@@ -4,6 +4,7 @@ resuming from and appending to the run's record."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -78,6 +79,9 @@ def _answer(engine: Engine, exam: Exam, method: str, shots: int, batch: int, cac
     """Every val question's prediction: cached ones as they are, the rest scored in
     batches of similar length (longest first, so running out of memory shows at once)."""
     done = cache.done if cache is not None else {}
+    if done and progress:
+        total = sum(map(len, exam.questions.values()))
+        tqdm.write(f"resuming: {len(done)} of {total} answered (from {cache.path})", file=sys.stderr)
     todo, unfit = _prompts(engine, exam, method, shots, done)
     new = list(unfit)
     letters = letter_ids(engine)
