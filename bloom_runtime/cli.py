@@ -200,13 +200,12 @@ def cmd_precision(args: argparse.Namespace) -> None:
                             output_dir=args.output_dir, run=run, force=args.force, subjects=args.subjects)
     if not engine.shard.is_main:
         return
-    from .ceval.report import category_table
+    from .ceval.report import IN_WORDS, category_table
 
     classes = result.classes
     print(category_table(classes))
     unfit = classes["unfit"]
-    print(f"{classes['questions']} questions, method {args.method} "
-          f"({classes['aggregation']} under the guide's keys)"
+    print(f"{classes['questions']} questions, method {args.method}: {IN_WORDS[classes['aggregation']]}"
           + (f"; {len(unfit)} did not fit and count as wrong: {', '.join(unfit)}" if unfit else ""))
     print(f"wrote {Path(args.output_dir) / 'result_classes_acc.json'} and the per-subject results beside it")
     if args.diff:

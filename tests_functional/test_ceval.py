@@ -89,7 +89,7 @@ def test_csv_fields_with_commas_quotes_newlines_and_fullwidth_marks(tmp_path):
         (lambda root: (root / "subject_mapping.json").write_text('{"my_subject": ["Mine", "我的"]}'),
          "'my_subject' has no category"),
         (lambda root: (root / "subject_mapping.json").write_text(
-            '{"computer_network": ["CN", "计算机网络", "Science"]}'), "category 'Science'"),
+            '{"computer_network": ["CN", "计算机网络", " "]}'), "'computer_network' has an empty category"),
     ],
 )
 def test_bad_dataset_names_the_file_and_row(tmp_path, damage, message):
@@ -166,6 +166,30 @@ def test_result_files_carry_the_guides_keys(small_exam, tmp_path):
     table = pd.read_csv(out / "result_subject_acc.csv")
     assert list(subjects) == ["law"] and table.loc[0, "accuracy"] == pytest.approx(subjects["law"])
     assert (out / "result_subject_acc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_any_category_is_reported_under_its_own_name(small_exam, tmp_path):
+    """Exams in C-Eval's layout bring their own categories (FinEval, cybersecurity exams)."""
+    mapping_path = small_exam / "subject_mapping.json"
+    mapping = json.loads(mapping_path.read_text(encoding="utf-8"))
+    for name in ("law", "physician"):
+        mapping[name] = [mapping[name][0], mapping[name][1], "CyberSecurity"]
+    mapping_path.write_text(json.dumps(mapping, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "out"
+    subjects = ["law", "physician", "college_physics"]
+    result = ceval.evaluate(br.load(), small_exam, output_dir=out, subjects=subjects, progress=False)
+    accuracy = {}  # from the predictions themselves, not from the report's own table
+    for name in subjects:
+        answers = [p for p in result.predictions if p.subject == name]
+        accuracy[name] = sum(p.choice == p.answer for p in answers) / len(answers)
+    classes = json.loads((out / "result_classes_acc.json").read_text(encoding="utf-8"))
+    assert classes["CyberSecurity"] == pytest.approx((accuracy["law"] + accuracy["physician"]) / 2)
+    assert classes["STEM"] == pytest.approx(accuracy["college_physics"])
+    assert classes["Humanities"] is None and classes["Other"] is None  # the guide's keys stay
+    assert set(pd.read_csv(out / "result_subject_acc.csv")["category"]) == {"CyberSecurity", "STEM"}
+    table = report.category_table(classes).splitlines()
+    row = next(line for line in table if line.startswith("CyberSecurity"))
+    assert f"{classes['CyberSecurity']:.4f}" in row
 
 
 def test_atb_reports_a_question_that_does_not_fit(small_exam, tmp_path):

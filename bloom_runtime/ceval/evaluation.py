@@ -80,8 +80,7 @@ def _answer(engine: Engine, exam: Exam, method: str, shots: int, batch: int, cac
     batches of similar length (longest first, so running out of memory shows at once)."""
     done = cache.done if cache is not None else {}
     if done and progress:
-        total = sum(map(len, exam.questions.values()))
-        tqdm.write(f"resuming: {len(done)} of {total} answered (from {cache.path})", file=sys.stderr)
+        tqdm.write(f"resuming: {len(done)} of {exam.size} answered (from {cache.path})", file=sys.stderr)
     todo, unfit = _prompts(engine, exam, method, shots, done)
     new = list(unfit)
     letters = letter_ids(engine)

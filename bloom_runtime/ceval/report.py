@@ -20,6 +20,10 @@ from .dataset import CATEGORIES, HARD, Subject
 
 GUIDE_KEYS = (*CATEGORIES, "Avg", "Avg(Hard)")
 PRIMARY = {"ceval": "subject_mean", "atb": "question_weighted"}
+# The chosen aggregation, in words a user knows.
+IN_WORDS = {"subject_mean": "each category and Avg average its subjects, as C-Eval does",
+            "question_weighted": "each category and Avg count every question once, as the guide's "
+                                 "evaluator did"}
 
 
 def subject_table(subjects: dict[str, Subject], predictions: list[Prediction]) -> pd.DataFrame:
@@ -34,13 +38,19 @@ def subject_table(subjects: dict[str, Subject], predictions: list[Prediction]) -
     return table
 
 
+def category_names(table: pd.DataFrame) -> list[str]:
+    """C-Eval's four categories (kept even when empty, as the guide's keys), then every other
+    category the exam brings, in the mapping's order."""
+    return [*CATEGORIES, *(c for c in dict.fromkeys(table["category"]) if c not in CATEGORIES)]
+
+
 def _groups(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    groups = {c: table[table["category"] == c] for c in CATEGORIES}
+    groups = {c: table[table["category"] == c] for c in category_names(table)}
     return {**groups, "Avg": table, "Avg(Hard)": table[table["hard"]]}
 
 
 def aggregate(table: pd.DataFrame) -> dict[str, dict[str, float | None]]:
-    """Both aggregations under the guide's keys; None where a group has no subject."""
+    """Both aggregations per category, `Avg` and `Avg(Hard)`; None where a group has no subject."""
     subject_mean, weighted = {}, {}
     for key, group in _groups(table).items():
         empty = group.empty
@@ -70,17 +80,22 @@ def _plot(table: pd.DataFrame, classes: dict, path: Path) -> None:
     from matplotlib.patches import Patch
 
     plt = pyplot()
-    ordered = table.assign(order=table["category"].map(CATEGORIES.index)).sort_values(["order", "subject"])
-    colours = dict(zip(CATEGORIES, plt.get_cmap("tab10").colors))
+    names = category_names(table)
+    ordered = table.assign(order=table["category"].map(names.index)).sort_values(["order", "subject"])
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
+    colours = {c: palette[i % len(palette)] for i, c in enumerate(names) if c in set(table["category"])}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(ordered) + 2), 4.5))
-    ax.bar(ordered["subject"], ordered["accuracy"], color=[colours[c] for c in ordered["category"]])
+    bars = ax.bar(ordered["subject"], ordered["accuracy"], color=[colours[c] for c in ordered["category"]])
+    ax.bar_label(bars, fmt="%.2f", fontsize=6)
     chance = ax.axhline(0.25, color="grey", linestyle=":", label="chance (0.25)")
     avg = ax.axhline(classes["Avg"], color="black", linestyle="--", label=f"Avg {classes['Avg']:.3f}")
     handles = [Patch(color=colour, label=category) for category, colour in colours.items()]
     ax.legend(handles=[*handles, chance, avg], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"C-Eval ({classes['run'].get('method')}, {classes['run'].get('model')})")
+    run = classes["run"]
+    setting = " ".join(str(run[k]) for k in ("model", "dtype", "quant") if run.get(k))
+    ax.set_title(f"C-Eval, {run.get('method')}: {setting}, tp={run.get('tp', 1)}")
     ax.tick_params(axis="x", labelrotation=90, labelsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
@@ -88,9 +103,9 @@ def _plot(table: pd.DataFrame, classes: dict, path: Path) -> None:
 
 
 def category_table(classes: dict) -> str:
-    """The terminal table: the guide's keys, both aggregations."""
+    """The terminal table: every category, Avg and Avg(Hard), both aggregations."""
     lines = [f"{'':<16}{'subject mean':>14}{'by question':>14}"]
-    for key in GUIDE_KEYS:
+    for key in classes["subject_mean"]:
         values = [classes[agg][key] for agg in ("subject_mean", "question_weighted")]
         lines.append(f"{key:<16}" + "".join(f"{'-' if v is None else f'{v:.4f}':>14}" for v in values))
     return "\n".join(lines)
