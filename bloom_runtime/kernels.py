@@ -51,8 +51,9 @@ def weight_only_kernel(act: torch.Tensor) -> str:
 
 
 class Int8Gemm:
-    """An int8 weight [N, K] with its scales [N], ready for W8A8: `gemm(q)` returns
-    (q - zero_point) @ weight^T * weight_scale in float32, with exact integer sums.
+    """An int8 weight [N, K] with its scales [N] and bias, ready for W8A8: `gemm(q, x_scale)`
+    returns ((q - zero_point) @ weight^T) * weight_scale * x_scale + bias in float32, with
+    exact integer sums.
 
     On CPU it runs oneDNN's int8 GEMM (`onednn::qlinear_pointwise`, what PyTorch's
     own x86 int8 inference lowers to) on weights prepacked once into oneDNN's
@@ -67,10 +68,11 @@ class Int8Gemm:
     """
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, zero_point: int = 0,
-                 onednn: bool | None = None) -> None:
+                 bias: torch.Tensor | None = None, onednn: bool | None = None) -> None:
         """`onednn`: None chooses by device; False forces the `_int_mm` path (tests compare them)."""
         self.zero_point = zero_point
         self.weight_scale = weight_scale.reshape(-1).float().contiguous()
+        self.bias = None if bias is None else bias.float()  # once, not per call
         self.onednn = weight.device.type == "cpu" and _has_onednn_int8() and onednn is not False
         if self.onednn:
             self.packed = torch.ops.onednn.qlinear_prepack(weight, None)
@@ -81,10 +83,8 @@ class Int8Gemm:
             self.transposed = weight.t()
             self.row_sums = weight.sum(dim=1, dtype=torch.int32) if zero_point else None
 
-    def __call__(self, q: torch.Tensor, x_scale: torch.Tensor, bias: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-        """float32 ((q - zero_point) @ weight^T) * weight_scale * x_scale + bias, for int8 `q` [M, K]
-        with `x_scale` [M, 1] (per row) or [1] (per tensor).
+    def __call__(self, q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """The product for int8 `q` [M, K] with `x_scale` [M, 1] (per row) or [1] (per tensor).
 
         Where the activation scale is one number (a decode step's single row, a static
         scale), oneDNN applies it and the bias in its epilogue: one call per linear
@@ -93,20 +93,19 @@ class Int8Gemm:
         if self.onednn:
             shifted = q.view(torch.uint8) ^ 128  # two's complement + 128: q + 128 as uint8
             fused = x_scale.numel() == 1
-            fused_bias = bias.float() if fused and bias is not None else None
             y = torch.ops.onednn.qlinear_pointwise.tensor(
                 shifted, x_scale.reshape(()) if fused else self.one, self.shifted_zero_point, self.packed,
-                self.weight_scale, self.weight_zero_points, fused_bias, 1.0, 0, torch.float32, "none", [], "")
-            return y if fused else _epilogue(y, x_scale, bias)
+                self.weight_scale, self.weight_zero_points, self.bias if fused else None, 1.0, 0,
+                torch.float32, "none", [], "")  # fmt: skip
+            return y if fused else self._epilogue(y, x_scale)
         acc = int8_matmul(q, self.transposed)
         if self.zero_point:
             acc = acc - self.zero_point * self.row_sums
-        return _epilogue(acc.float() * self.weight_scale, x_scale, bias)
+        return self._epilogue(acc.float() * self.weight_scale, x_scale)
 
-
-def _epilogue(y: torch.Tensor, x_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    y = y * x_scale
-    return y if bias is None else y + bias.float()
+    def _epilogue(self, y: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        y = y * x_scale
+        return y if self.bias is None else y + self.bias
 
 
 def _has_onednn_int8() -> bool:

@@ -32,7 +32,7 @@ from .errors import CheckpointError, InputError
 from .layout import Layout
 from .model import Bloom
 from .quant import QuantSpec, from_quantization_config, quantize_model, quantized_skeleton
-from .tensors import INT
+from .tensors import INT, declarations
 from .tokenizer import FILENAME as TOKENIZER_FILE
 from .tokenizer import Tokenizer
 
@@ -118,7 +118,7 @@ def skeleton(config: BloomConfig, spec: QuantSpec | None = None, shard: parallel
 
 def expected_tensors(model: Bloom) -> dict[str, checkpoint.Expected]:
     """name -> (shape, kind, dtype) of every tensor a checkpoint of `model` must hold."""
-    rules = parallel.declarations(model)
+    rules = declarations(model)
     return {name: checkpoint.Expected(tuple(p.shape), rules[name][0].kind, p.dtype)
             for name, p in model.named_parameters()}
 

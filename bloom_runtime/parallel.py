@@ -33,7 +33,7 @@ from torch import nn
 from .config import BloomConfig
 from .errors import DistributedError
 from .model import Bloom
-from .tensors import IN, OUT, SCALE, Stored, stored
+from .tensors import IN, OUT, SCALE, Stored, declarations, stored
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 TIMEOUT_ENV = "BLOOM_RUNTIME_DIST_TIMEOUT"  # seconds a rank waits for the others (default 300)
@@ -108,12 +108,6 @@ def shard_tensor(tensor: torch.Tensor, declared: Stored, split: str | None, shar
     if split == "row" and declared.summed:
         return tensor.clone() if rank == 0 else torch.zeros_like(tensor)
     return tensor
-
-
-def declarations(model: nn.Module) -> dict[str, tuple[Stored, str | None]]:
-    """Every parameter's declaration and its module's split, by name."""
-    return {f"{prefix}{'.' if prefix else ''}{leaf}": (stored(module, leaf), getattr(module, "split", None))
-            for prefix, module in model.named_modules() for leaf, _ in module.named_parameters(recurse=False)}
 
 
 def shard_state(model: nn.Module, state: dict[str, torch.Tensor], shard: Shard) -> dict[str, torch.Tensor]:

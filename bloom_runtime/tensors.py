@@ -39,6 +39,12 @@ class Stored:
 REPLICATED = Stored()
 
 
+def declarations(model: nn.Module) -> dict[str, tuple[Stored, str | None]]:
+    """Every parameter of `model` by name: its declaration and its module's tensor-parallel split."""
+    return {f"{prefix}{'.' if prefix else ''}{leaf}": (stored(module, leaf), getattr(module, "split", None))
+            for prefix, module in model.named_modules() for leaf, _ in module.named_parameters(recurse=False)}
+
+
 def stored(module: nn.Module, leaf: str) -> Stored:
     """The declaration of `module.<leaf>`; parameters of undeclared modules (LayerNorms) are
     float and replicated on every rank."""

@@ -10,6 +10,7 @@ skeleton cut the same way.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -74,10 +75,17 @@ def kv_bytes(model: Bloom, batch: int, length: int) -> int:
 def prefill_flops(config: BloomConfig, shard: Shard, batch: int, seq_in: int) -> float:
     """FLOPs to run a prompt: 2 per weight per token (block linears, and the head for the last
     token), plus causal attention (q.k and p.v over half the square), for rank `shard.rank`'s part."""
+    linear, head, heads = _rank_counts(config, shard)
+    attention = 2 * 2 * config.n_layer * seq_in * seq_in * heads * config.head_dim / 2
+    return batch * (2 * linear * seq_in + 2 * head + attention)
+
+
+@functools.cache
+def _rank_counts(config: BloomConfig, shard: Shard) -> tuple[int, int, int]:
+    """Block-linear weights, head weights and heads of rank `shard.rank`'s float skeleton (counted
+    once: the harness re-derives every case's figures as each case finishes)."""
     from ..loader import skeleton
 
     part = skeleton(config, shard=shard)
     linear = sum(m.weight.numel() for block in part.block_linears() for m in block.values())
-    head = part.word_embeddings.weight.numel()
-    attention = 2 * 2 * config.n_layer * seq_in * seq_in * len(part.heads) * config.head_dim / 2
-    return batch * (2 * linear * seq_in + 2 * head + attention)
+    return linear, part.word_embeddings.weight.numel(), len(part.heads)

@@ -37,6 +37,12 @@ def quantize_per_token(flat: torch.Tensor, reduce_absmax=None) -> tuple[torch.Te
     return torch.round(flat / scale).clamp(-128, 127).to(torch.int8), scale
 
 
+def _w8a8(x: torch.Tensor, quantize, gemm: Int8Gemm) -> torch.Tensor:
+    """x [..., K] quantized by `quantize` (float32 rows -> int8, scale), through `gemm`, in x's dtype."""
+    q, scale = quantize(x.reshape(-1, x.shape[-1]).float())
+    return gemm(q, scale).to(x.dtype).view(*x.shape[:-1], -1)
+
+
 def _frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
     return None if tensor is None else nn.Parameter(tensor, requires_grad=False)
 
@@ -98,11 +104,9 @@ class Int8Linear(_Int8Weights):
     _gemm: Int8Gemm | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).float()
-        q, scale = self._quantize_input(flat)
         if self._gemm is None:  # on first use: checkpoints assign the weight after construction
-            self._gemm = Int8Gemm(self.weight, self.weight_scale, self._zero_point())
-        return self._gemm(q, scale, self.bias).to(x.dtype).view(*x.shape[:-1], -1)
+            self._gemm = Int8Gemm(self.weight, self.weight_scale, self._zero_point(), self.bias)
+        return _w8a8(x, self._quantize_input, self._gemm)
 
     def _quantize_input(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_per_token(flat, self.reduce_absmax)
@@ -206,8 +210,6 @@ class Int8DynamicTiedEmbedding(Int8TiedEmbedding):
     _gemm: Int8Gemm | None = None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).float()
-        q, scale = quantize_per_token(flat)
         if self._gemm is None:
             self._gemm = Int8Gemm(self.weight, self.weight_scale)
-        return self._gemm(q, scale).to(x.dtype).view(*x.shape[:-1], -1)
+        return _w8a8(x, quantize_per_token, self._gemm)
