@@ -192,7 +192,10 @@ def read_state(
     return state
 
 
-def write_state(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Tensors as one safetensors file, under Hugging Face's names (`transformer.` prefix)."""
+def write_state(state: dict[str, torch.Tensor], path: Path,
+                outside: dict[str, torch.Tensor] | None = None) -> None:
+    """Tensors as one safetensors file, under Hugging Face's names (`transformer.` prefix), plus
+    `outside` under the names given (tensors of `lm_head`, which sits outside `transformer.`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({PREFIX + n: t.contiguous() for n, t in state.items()}, path, metadata={"format": "pt"})
+    tensors = {PREFIX + n: t.contiguous() for n, t in state.items()} | (outside or {})
+    save_file(tensors, path, metadata={"format": "pt"})

@@ -23,13 +23,15 @@ from .files import staged_output, write_json
 from .layout import Layout
 from .loader import Source, load, skeleton
 from .quant import QuantSpec, to_quantization_config
+from .quant.compressed_tensors import head_aliases
 from .tokenizer import CONFIG_FILES as TOKENIZER_CONFIG_FILES
 from .tokenizer import FILENAME as TOKENIZER_FILE
 
 
 def write_checkpoint(engine: Engine, directory: Path, layout: Layout | None = None) -> None:
     """The engine's weights as a Hugging Face layout (`transformer.` names, tied head omitted)."""
-    checkpoint.write_state(engine.model.state_dict(), directory / checkpoint.SAFETENSORS)
+    checkpoint.write_state(engine.model.state_dict(), directory / checkpoint.SAFETENSORS,
+                           head_aliases(engine.model))
     config = {**engine.config.to_dict(), **(layout or Layout()).to_dict(),
               "torch_dtype": str(engine.dtype).removeprefix("torch.")}
     write_json(directory / "config.json", config)

@@ -3,12 +3,20 @@
 Each scheme class carries its own description (FORMAT, WEIGHTS, ACTIVATIONS);
 reading a config finds the scheme whose description it matches, so checkpoints
 that other tools wrote alike load too.
+
+The tied embedding/head has no single compressed-tensors form: transformers sees
+two modules, an `Embedding` (whose input is token ids, never quantized) and the
+`lm_head` Linear tied to it. So a quantized head is written as two groups, the
+embedding weight-only and `lm_head` with the head's own activations, and its
+scale is written a second time under `lm_head.weight_scale` (transformers ties
+only `weight`). Checkpoints from before, with one group targeting both, still read.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..checkpoint import PREFIX
@@ -25,17 +33,29 @@ def to_quantization_config(spec: QuantSpec, model: nn.Module, **provenance: Any)
     """`spec` (applied to the float `model`) as a compressed-tensors `quantization_config`."""
     cls = spec.linear_class
     floats = [PREFIX + name for i in spec.float_layers for name in model.block_linears()[i]]
+    groups = [_group(["Linear"], cls.FORMAT, cls.WEIGHTS, cls.ACTIVATIONS)]
+    if spec.head:  # first, so that compressed-tensors matches `lm_head` by name before "Linear"
+        head = HEADS[spec.head]
+        groups[:0] = [_group([HEAD_NAME], head.FORMAT, head.WEIGHTS, head.ACTIVATIONS),
+                      _group(["Embedding"], head.FORMAT, head.WEIGHTS, None)]
     return {
         "quant_method": "compressed-tensors",
         "format": cls.FORMAT,
         "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {"targets": ["Linear", "Embedding"] if spec.head else ["Linear"],
-                        "weights": cls.WEIGHTS, "input_activations": cls.ACTIVATIONS}
-        },
+        "config_groups": {f"group_{i}": group for i, group in enumerate(groups)},
         "ignore": ([] if spec.head else [HEAD_NAME]) + floats,
         "bloom_runtime": {"smoothquant_alpha": spec.alpha, **provenance},
     }
+
+
+def head_aliases(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors written under `lm_head`'s own name for readers that untie the head: its scale."""
+    heads = [m for m in model.modules() if isinstance(m, tuple(HEADS.values()))]
+    return {f"{HEAD_NAME}.weight_scale": heads[0].weight_scale.detach().clone()} if heads else {}
+
+
+def _group(targets: list[str], fmt: str, weights: dict, activations: dict | None) -> dict:
+    return {"targets": targets, "format": fmt, "weights": weights, "input_activations": activations}
 
 
 def from_quantization_config(raw: dict, model: nn.Module, source: str) -> QuantSpec:
@@ -43,23 +63,37 @@ def from_quantization_config(raw: dict, model: nn.Module, source: str) -> QuantS
     if raw.get("quant_method") != "compressed-tensors":
         raise ConfigError(f"{source}: quantization_config.quant_method {raw.get('quant_method')!r} "
                           "is not supported; expected 'compressed-tensors'")
-    try:
-        (group,) = raw["config_groups"].values()
-        weights, acts = group["weights"], group.get("input_activations")
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise ConfigError(f"{source}: quantization_config needs exactly one config group "
-                          "with 'weights'") from None
-    found = [name for name, cls in LINEARS.items()
-             if _same(cls.WEIGHTS, weights) and _same(cls.ACTIVATIONS, acts)]
-    if not found:
-        raise ConfigError(f"{source}: no supported scheme has weights {weights} and input activations "
-                          f"{acts}; supported: {', '.join(LINEARS)}")
+    groups = _groups_by_target(raw, source)
+    if "Linear" not in groups:
+        raise ConfigError(f"{source}: quantization_config has no config group targeting 'Linear'")
+    linear = _scheme(LINEARS, groups["Linear"], source)
     ignored = set(raw.get("ignore") or [])
     float_layers = tuple(i for i, linears in enumerate(model.block_linears())
                          if any(PREFIX + name in ignored for name in linears))
-    head = found[0] if HEAD_NAME not in ignored and found[0] in HEADS else None
+    head = None
+    if HEAD_NAME not in ignored and (HEAD_NAME in groups or "Embedding" in groups):
+        head = _scheme(HEADS, groups.get(HEAD_NAME, groups["Linear"]), source)
     alpha = (raw.get("bloom_runtime") or {}).get("smoothquant_alpha")
-    return QuantSpec(found[0], alpha=alpha, float_layers=float_layers, head=head)
+    return QuantSpec(linear, alpha=alpha, float_layers=float_layers, head=head)
+
+
+def _groups_by_target(raw: dict, source: str) -> dict[str, dict]:
+    try:
+        return {target: group for group in raw["config_groups"].values() for target in group["targets"]
+                if group["weights"] is not None}
+    except (KeyError, TypeError, AttributeError):
+        raise ConfigError(f"{source}: quantization_config needs config groups with 'targets' "
+                          "and 'weights'") from None
+
+
+def _scheme(registry: dict[str, type], group: dict, source: str) -> str:
+    """The name of the scheme in `registry` whose description `group` matches."""
+    weights, acts = group["weights"], group.get("input_activations")
+    for name, cls in registry.items():
+        if _same(cls.WEIGHTS, weights) and _same(cls.ACTIVATIONS, acts):
+            return name
+    raise ConfigError(f"{source}: no supported scheme has weights {weights} and input activations "
+                      f"{acts}; supported: {', '.join(registry)}")
 
 
 def _same(declared: dict | None, given: dict | None) -> bool:

@@ -83,7 +83,7 @@ class Int8WeightOnlyLinear(_Int8Weights):
     """W8A16: y = x (q * scale)^T + b with the weight kept in int8 (`kernels.weight_only_matmul`)."""
 
     scheme = "w8a16"
-    FORMAT = "naive-quantized"
+    FORMAT = "int-quantized"  # int8 `weight` + `weight_scale`, as compressed-tensors reads weight-only int8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._add_bias(weight_only_matmul(x, self.weight, self.weight_scale))
@@ -174,6 +174,9 @@ class Int8TiedEmbedding(TiedEmbedding):
 
     scheme = "w8a16"
     STORED = {"weight": Stored(INT, (VOCAB, None)), "weight_scale": Stored(SCALE, (VOCAB, None))}
+    FORMAT = "int-quantized"
+    WEIGHTS = CHANNEL_INT8
+    ACTIVATIONS: dict | None = None  # of the head; lookups never quantize their input
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, compute_dtype: torch.dtype) -> None:
         nn.Module.__init__(self)
@@ -207,6 +210,7 @@ class Int8DynamicTiedEmbedding(Int8TiedEmbedding):
     """
 
     scheme = "w8a8"
+    ACTIVATIONS = Int8Linear.ACTIVATIONS
     _gemm: Int8Gemm | None = None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
