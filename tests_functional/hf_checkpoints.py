@@ -73,3 +73,31 @@ def _shard_names(kind: str, n: int) -> list[str]:
         return ["model.safetensors" if kind == "safetensors" else "pytorch_model.bin"]
     stem, ext = ("model", "safetensors") if kind == "safetensors" else ("pytorch_model", "bin")
     return [f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}" for i in range(n)]
+
+
+OUTLIER_CHANNELS = [7, 50, 99]
+
+
+def outlier_model(seed: int = 5, gain: float = 20.0, sharp: float = 1.0, **overrides) -> BloomForCausalLM:
+    """`hf_model` with real BLOOM's hard parts (needs hidden_size > 99).
+
+    - A few hidden channels `gain` times the rest at the inputs of `query_key_value` and
+      `dense_h_to_4h` (as LLM.int8 found from 6.7B up): the LayerNorm gains and biases of
+      those channels scaled up and the linear's columns scaled down, so the float function
+      is unchanged while int8 activations must cope with the outliers.
+    - Head 0 of block 0 with queries and keys `sharp` times larger: scores far outside
+      float16's range (q.k > 65504), as long inputs give real BLOOM.
+    """
+    model = hf_model(seed, **overrides)
+    head_dim = model.config.hidden_size // model.config.n_head
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for norm, linear in ((block.input_layernorm, block.self_attention.query_key_value),
+                                 (block.post_attention_layernorm, block.mlp.dense_h_to_4h)):
+                norm.weight[OUTLIER_CHANNELS] *= gain
+                norm.bias[OUTLIER_CHANNELS] *= gain
+                linear.weight[:, OUTLIER_CHANNELS] /= gain
+        qkv = model.transformer.h[0].self_attention.query_key_value  # rows per head: q, k, v
+        qkv.weight[: 2 * head_dim] *= sharp
+        qkv.bias[: 2 * head_dim] *= sharp
+    return model
