@@ -1,8 +1,10 @@
 """Options shared by every suite, and the fixtures that read them.
 
-    pytest --device cuda --dtype bfloat16                # where the runtime runs
-    pytest --model-path DIR --ceval-path DIR -m accuracy  # real checkpoints and C-Eval
-    pytest --tp 2                                        # tensor-parallel size
+    pytest --device cuda --dtype bfloat16    # where the runtime runs: conformance, dtype, INT8,
+                                             #   accuracy tests; --dtype narrows the dtype-parametrized ones
+    pytest --model-path DIR                  # also conform a real checkpoint to transformers
+    pytest --model-path DIR --ceval-path DIR -m accuracy  # the bloom-7b1 rows of the accuracy table
+    pytest --tp 4                            # world size of the tensor-parallel tests (default 2)
 
 Tests that need what is not there (a GPU, an NPU, a real checkpoint) skip with the reason.
 """
@@ -15,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "tests_functional"))
+# The suites' helpers (hf_checkpoints, random_batches, spawn_ranks) import by name; appended, so
+# that no installed package is ever shadowed by them.
+sys.path.append(str(Path(__file__).parent / "tests_functional"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -23,7 +27,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--model-path", default=None, help="a real BLOOM checkpoint directory")
     group.addoption("--device", default="cpu", help="device for the runtime under test")
     group.addoption("--dtype", default=None, help="restrict dtype-parametrized tests to one dtype")
-    group.addoption("--tp", type=int, default=None, help="tensor-parallel size to test")
+    group.addoption("--tp", type=int, default=2, help="world size of the tensor-parallel tests")
     group.addoption("--ceval-path", default=None,
                     help="a directory with ceval-exam/ and subject_mapping.json")
 
@@ -46,6 +50,14 @@ def device(request: pytest.FixtureRequest) -> str:
 def reference_device() -> torch.device:
     """Where the Hugging Face float32 reference runs: CUDA when there is one, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def tp_size(request: pytest.FixtureRequest) -> int:
+    size = request.config.getoption("--tp")
+    if size < 2:
+        pytest.skip(f"--tp {size}: tensor-parallel tests need 2 ranks or more")
+    return size
 
 
 @pytest.fixture(scope="session")

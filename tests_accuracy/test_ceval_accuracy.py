@@ -1,20 +1,22 @@
 """C-Eval accuracy of every path, against the thresholds table, and proof the suite can fail.
 
 On the embedded model and exam (480 val questions, 5-shot), each path must reach
-its floor and stay within its maximum drop of float32; the float32 choices must
-be transformers' choices; and a broken prompt, a shifted answer token or a
-shuffled key must pull the score toward chance. With --model-path and
+its floor and stay within its limits of float32: Avg, answers in agreement, and the
+KL and largest change of its A-D probabilities (thresholds.csv). The float32
+choices must be transformers' choices; and a broken prompt, a shifted answer token
+or a shuffled key must pull the score toward chance. With --model-path and
 --ceval-path, the bloom-7b1 rows check the reference guide's figures.
 """
 
 from __future__ import annotations
 
-import random
+import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
-from spawn_ranks import run_ranks
+from spawn_ranks import on_every_rank, run_ranks
 from thresholds import Threshold, load
 from transformers import BloomForCausalLM
 
@@ -38,33 +40,43 @@ def _evaluate(model, dtype: str, quant: str | None, method: str, dataset=None, d
     return ceval.evaluate(engine, dataset, method=method, progress=False)
 
 
-def _tp_rank(dtype: str, quant: str | None, method: str):
-    result = _evaluate("tiny", dtype, quant, method)
-    return result.classes["Avg"], [p.choice for p in result.predictions]
+Figures = tuple[float, list[str | None], torch.Tensor | None]  # Avg, choices, A-D probabilities
+
+
+def _figures(result) -> Figures:
+    preds = result.predictions
+    probs = torch.tensor([p.probs for p in preds]) if all(p.probs for p in preds) else None
+    return result.classes["Avg"], [p.choice for p in preds], probs
+
+
+def _tp_rank(dtype: str, quant: str | None, method: str) -> Figures:
+    return _figures(_evaluate("tiny", dtype, quant, method))
 
 
 class Runs:
-    """Each path evaluated once per session, on first use."""
+    """Each path evaluated once per session, on first use: the embedded model on the embedded exam,
+    or the checkpoint `model` on the exam `dataset`."""
 
-    def __init__(self) -> None:
-        self.done: dict[tuple, tuple[float, list[str | None]]] = {}
+    def __init__(self, model: Path | str = "tiny", dataset: Path | None = None, device: str = "cpu") -> None:
+        self.model, self.dataset, self.device = model, dataset, device
+        self.done: dict[tuple, Figures] = {}
 
-    def get(self, key: tuple) -> tuple[float, list[str | None]]:
+    def get(self, key: tuple) -> Figures:
         if key not in self.done:
-            model, method, dtype, quant, tp = key
+            _, method, dtype, quant, tp = key
             if tp == 1:
-                result = _evaluate(model, dtype, quant, method)
-                self.done[key] = (result.classes["Avg"], [p.choice for p in result.predictions])
+                result = _evaluate(self.model, dtype, quant, method, self.dataset, self.device)
+                self.done[key] = _figures(result)
             else:
-                (status, value), *_ = run_ranks(_tp_rank, tp, dtype, quant, method)
-                assert status == "ok", value
+                value, *others = on_every_rank(run_ranks(_tp_rank, tp, dtype, quant, method))
+                assert all(other[1] == value[1] for other in others), "ranks answered differently"
                 self.done[key] = value
         return self.done[key]
 
 
 @pytest.fixture(scope="session")
-def runs() -> Runs:
-    return Runs()
+def runs(device: str) -> Runs:
+    return Runs(device=device)
 
 
 @pytest.fixture(scope="session")
@@ -72,16 +84,37 @@ def float32_result():
     return _evaluate("tiny", "float32", None, "ceval")
 
 
-@pytest.mark.parametrize("row", TINY, ids=lambda r: r.label)
-def test_embedded_path_meets_floor_and_stays_near_float(row: Threshold, runs: Runs):
-    accuracy, choices = runs.get(row.key)
-    baseline, baseline_choices = runs.get(row.baseline)
+def distribution_shift(probs: torch.Tensor, baseline: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(baseline || probs) over questions, and the largest |p - p_baseline| of any letter."""
+    kl = (baseline * (baseline.clamp(min=1e-12).log() - probs.clamp(min=1e-12).log())).sum(-1)
+    return float(kl.mean()), float((probs - baseline).abs().max())
+
+
+def check_against_thresholds(row: Threshold, runs: Runs) -> None:
+    accuracy, choices, probs = runs.get(row.key)
     assert accuracy >= row.min_accuracy, f"{row.label}: Avg {accuracy:.4f} < floor {row.min_accuracy}"
-    assert abs(accuracy - baseline) <= row.max_drop + 1e-9, (
-        f"{row.label}: Avg {accuracy:.4f} vs {baseline:.4f} at {row.baseline_dtype}: "
-        f"moved {abs(accuracy - baseline):.4f} > {row.max_drop}")
-    if row.tp > 1:  # TP=2 is the same computation: the same answers, not just the same score
-        assert choices == runs.get((*row.key[:4], 1))[1]
+    if row.reference is not None:
+        assert abs(accuracy - row.reference) <= row.max_drop + 1e-9, (
+            f"{row.label}: Avg {accuracy:.4f} vs the published {row.reference} > {row.max_drop}")
+    if row.baseline is None:
+        return
+    baseline, base_choices, base_probs = runs.get(row.baseline)
+    if row.max_drop is not None:
+        assert abs(accuracy - baseline) <= row.max_drop + 1e-9, (
+            f"{row.label}: Avg {accuracy:.4f} vs {baseline:.4f}: moved {abs(accuracy - baseline):.4f}")
+    if row.min_agreement is not None:
+        agreement = sum(a == b for a, b in zip(choices, base_choices)) / len(choices)
+        assert agreement >= row.min_agreement, f"{row.label}: {agreement:.4f} of answers as the baseline's"
+    if row.max_kl is not None or row.max_dp is not None:
+        kl, dp = distribution_shift(probs, base_probs)
+        print(f"{row.label}: KL {kl:.2e}, max |dp| {dp:.2e}")
+        assert kl <= row.max_kl, f"{row.label}: KL of the A-D probabilities {kl:.2e} > {row.max_kl}"
+        assert dp <= row.max_dp, f"{row.label}: largest probability change {dp:.2e} > {row.max_dp}"
+
+
+@pytest.mark.parametrize("row", TINY, ids=lambda r: r.label)
+def test_embedded_path_meets_its_thresholds(row: Threshold, runs: Runs):
+    check_against_thresholds(row, runs)
 
 
 def test_float32_choices_equal_transformers(float32_result):
@@ -108,11 +141,14 @@ def test_float32_choices_equal_transformers(float32_result):
     assert torch.allclose(ours_probs, probs, atol=5e-5)  # measured: 6.8e-6
 
 
-def test_shuffled_answer_key_scores_near_chance(float32_result):
-    preds = float32_result.predictions
-    key = [p.answer for p in preds]
-    random.Random(0).shuffle(key)
-    shuffled = sum(p.choice == k for p, k in zip(preds, key)) / len(preds)
+def test_shuffled_answer_key_scores_near_chance(float32_result, tmp_path):
+    """The same exam with its answer column shuffled, scored by the real scorer, must fall to chance."""
+    exam = shutil.copytree(EXAM_DIR, tmp_path / "exam")
+    for path in (exam / "ceval-exam" / "val").glob("*.csv"):
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        table["answer"] = table["answer"].sample(frac=1.0, random_state=0).to_numpy()
+        table.to_csv(path, index=False)
+    shuffled = _evaluate("tiny", "float32", None, "ceval", exam).classes["Avg"]
     assert shuffled <= float32_result.classes["Avg"] - SABOTAGE_MARGIN
     assert shuffled <= 0.40
 
@@ -156,17 +192,10 @@ def real_inputs(request: pytest.FixtureRequest) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
-def real_runs() -> dict:
-    return {}
+def real_runs(real_inputs, device: str) -> Runs:
+    return Runs(*real_inputs, device=device)
 
 
 @pytest.mark.parametrize("row", REAL, ids=lambda r: r.label)
-def test_bloom_7b1_matches_the_guide(row: Threshold, real_inputs, real_runs: dict, device: str):
-    model, data = real_inputs
-    for key in (row.baseline, row.key):
-        if key not in real_runs:
-            _, method, dtype, quant, _ = key
-            real_runs[key] = _evaluate(model, dtype, quant, method, data, device).classes["Avg"]
-    accuracy, baseline = real_runs[row.key], real_runs[row.baseline]
-    assert accuracy >= row.min_accuracy
-    assert abs(accuracy - baseline) <= row.max_drop + 1e-9
+def test_bloom_7b1_matches_the_guide(row: Threshold, real_runs: Runs):
+    check_against_thresholds(row, real_runs)

@@ -220,12 +220,17 @@ def test_precision_cli_bad_dataset_is_one_line(tmp_path, capsys):
 
 
 def test_precision_cli_diff_lists_changed_answers(tmp_path, capsys):
+    """Two answers of an earlier run edited by hand: the rerun's --diff must count exactly those."""
     first, second = tmp_path / "a", tmp_path / "b"
     assert main(["precision", "--subjects", "law", "--output-dir", str(first)]) == 0
-    assert main(["precision", "--subjects", "law", "--shots", "0", "--output-dir", str(second),
-                 "--diff", str(first)]) == 0
-    changed = cache.diff(first, second)
-    assert f"{len(changed)} question(s) answered differently from {first}" in capsys.readouterr().out
+    record = first / "predictions.jsonl"
+    key, *answers = [json.loads(line) for line in record.read_text().splitlines()]
+    for answer in answers[:2]:
+        answer["choice"] = next(letter for letter in "ABCD" if letter != answer["choice"])
+    record.write_text("".join(json.dumps(line) + "\n" for line in [key, *answers]))
+    capsys.readouterr()
+    assert main(["precision", "--subjects", "law", "--output-dir", str(second), "--diff", str(first)]) == 0
+    assert f"2 question(s) answered differently from {first}" in capsys.readouterr().out
 
 
 def test_ceval_drops_shots_to_fit_the_context():

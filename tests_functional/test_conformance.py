@@ -1,7 +1,8 @@
 """float32 conformance with `transformers.BloomForCausalLM` on the same weights.
 
 Tolerance: relative error <= 1e-5 of the logit scale (max |reference logit|)
-on every real token of left-padded batches; greedy tokens identical.
+on every real token of left-padded batches; greedy tokens identical. The runtime
+runs on --device; with --model-path, a real checkpoint is conformed too.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def pair(request, tmp_path_factory, reference_device):
+def pair(request, tmp_path_factory, reference_device, device):
     """(our engine, the HF reference) loaded from one checkpoint directory."""
     fields = CONFIGS[request.param]
     directory = save(hf_model(**fields), tmp_path_factory.mktemp(request.param))
     reference = type(hf_model()).from_pretrained(directory, dtype=torch.float32).eval()
-    return br.load(directory, dtype="float32"), reference.to(reference_device), fields
+    return br.load(directory, dtype="float32", device=device), reference.to(reference_device), fields
 
 
 def reference_logits(reference, ids, mask):
@@ -60,7 +61,7 @@ def test_greedy_generation_token_identical_to_reference(pair):
             min_new_tokens=new, do_sample=False, pad_token_id=3,
         )[:, ids.shape[1]:].cpu()  # fmt: skip
     ours = engine.generate(ids, mask, max_new_tokens=new)
-    assert torch.equal(ours, expected)
+    assert torch.equal(ours.cpu(), expected)
 
 
 def test_kv_cache_path_equals_full_recompute(pair):
@@ -68,9 +69,10 @@ def test_kv_cache_path_equals_full_recompute(pair):
     ids, mask = left_padded_batch(fields["vocab_size"], [10, 6], seed=2)
     total = ids.shape[1]
     model, cfg = engine.model, engine.config
-    cache = KVCache(cfg.n_layer, 2, cfg.n_head, total, cfg.head_dim, torch.float32, torch.device("cpu"))
+    cache = KVCache(cfg.n_layer, 2, cfg.n_head, total, cfg.head_dim, torch.float32, engine.device)
     prompt = 5
     with torch.inference_mode():
+        ids, mask = ids.to(engine.device), mask.to(engine.device)
         steps = [model(ids[:, :prompt], mask[:, :prompt], cache, 0)]
         for pos in range(prompt, total):
             steps.append(model(ids[:, pos:pos + 1], mask[:, :pos + 1], cache, pos))
@@ -89,3 +91,12 @@ def test_left_padded_row_equals_same_row_alone(pair):
     assert relative_error(batch_logits[1:, -4:], alone_logits) <= F32_TOLERANCE
     assert torch.equal(engine.generate(ids, mask, max_new_tokens=12)[1:],
                        engine.generate(alone_ids, max_new_tokens=12))
+
+
+def test_real_checkpoint_matches_transformers(model_path, device, reference_device):
+    """--model-path: the user's checkpoint, float32, against transformers on a short batch."""
+    engine = br.load(model_path, dtype="float32", device=device)
+    reference = type(hf_model()).from_pretrained(model_path, dtype=torch.float32).eval().to(reference_device)
+    ids, mask = left_padded_batch(engine.config.vocab_size, [24, 11], seed=4)
+    err = relative_error(engine.logits(ids, mask), reference_logits(reference, ids, mask), mask)
+    assert err <= F32_TOLERANCE, f"{model_path}: relative error {err:.2e} > {F32_TOLERANCE:.0e}"

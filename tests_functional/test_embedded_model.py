@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -41,12 +43,25 @@ def _train(out: Path, steps: int) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+def _untrained(vocab_size: int) -> dict[str, torch.Tensor]:
+    """The weights train_tiny.py starts from (seed 0), before any step."""
+    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "tools" / "train_tiny.py")
+    sys.path.insert(0, str(ROOT / "tools"))  # it imports tiny_exam beside it
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    return module.new_model(vocab_size, seed=0).state_dict()
+
+
 def test_train_tiny_remakes_the_exam_and_tokenizer_and_trains_deterministically(tmp_path):
     """A few steps of tools/train_tiny.py: the exam and tokenizer it writes are the shipped
-    ones byte for byte, the checkpoint loads in transformers, and a rerun gives the same weights
-    up to float reduction order: CPU training is not bitwise repeatable (one CI run saw two
-    3-step runs differ by 1.1e-4 at most, 3.6e-9 on average), while a change of seed or data
-    order moves every weight by ~1e-3 (the learning rate) or more."""
+    ones byte for byte, the checkpoint loads in transformers, the weights moved from where they
+    started, and a rerun gives the same weights up to float reduction order: CPU training is not
+    bitwise repeatable (one CI run saw two 3-step runs differ by 1.1e-4 at most, 3.6e-9 on
+    average), while a change of seed or data order moves every weight by ~1e-3 (the learning
+    rate) or more."""
     first, second = tmp_path / "a", tmp_path / "b"
     for out in (first, second):
         done = _train(out, 3)
@@ -60,6 +75,9 @@ def test_train_tiny_remakes_the_exam_and_tokenizer_and_trains_deterministically(
     assert a.keys() == load_file(TINY_DIR / "model.safetensors").keys()
     drift = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert drift.mean() <= 1e-6 and drift.max() <= 1e-3
+    untrained = _untrained(len(json.loads((first / "tokenizer.json").read_text())["model"]["vocab"]))
+    learned = torch.cat([(a[k] - untrained[k]).abs().flatten() for k in a])
+    assert learned.mean() >= 1e-3, f"3 steps moved the weights by {learned.mean():.1e} on average"
     BloomForCausalLM.from_pretrained(first)
     again = _train(first, 1)
     assert again.returncode != 0 and "--force" in again.stderr
