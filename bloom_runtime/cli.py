@@ -19,6 +19,8 @@ from .quant import LINEARS, QuantSpec
 from .sampling import GenerationConfig
 from .tokenizer import left_pad
 
+SEPARATOR = "### prompt"  # the line before each of several prompts' outputs
+
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
 # `weights quant --scheme` + `--activation`: the W8A8 activation choices, by scheme name
 W8A8_ACTIVATIONS = {"dynamic": "w8a8", "static": "w8a8-static", "static-asym": "w8a8-static-asym"}
@@ -46,14 +48,42 @@ def cmd_generate(args: argparse.Namespace) -> None:
         flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
         print(f"bloom-runtime: warning: greedy decoding ignores {flags}; add --do-sample to sample",
               file=sys.stderr)
+    prompts = _prompts(args.prompt, args.file)
     engine = load(args.model, dtype=args.dtype, device=args.device, quant=args.quant)
+    say = print if engine.shard.is_main else _silent  # every rank computes, rank 0 prints
     if args.token_ids:
-        lines = [" ".join(map(str, row)) for row in _generate_ids(engine, args.prompt, sampling)]
-    else:
-        texts = engine.generate_text(args.prompt, **sampling)
-        lines = [prompt + text for prompt, text in zip(args.prompt, texts)]
-    if engine.shard.is_main:
-        print("\n".join(lines))
+        for row in _generate_ids(engine, prompts, sampling):
+            say(" ".join(map(str, row)))
+    elif len(prompts) == 1:  # as it comes
+        say(prompts[0], end="", flush=True)
+        for piece in engine.stream_text(prompts[0], **sampling):
+            say(piece, end="", flush=True)
+        say()
+    else:  # continuations may hold newlines: a header line before each
+        for number, (prompt, text) in enumerate(zip(prompts, engine.generate_text(prompts, **sampling)), 1):
+            say(f"{SEPARATOR} {number}/{len(prompts)}")
+            say(prompt + text)
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+def _prompts(given: list[str], file: str | None) -> list[str]:
+    """Prompts from the command line, or one per line of `file` (`-`, or a lone `-` prompt: stdin)."""
+    if file is None and given == ["-"]:
+        file = "-"
+    if file is not None:
+        if given and given != ["-"]:
+            raise InputError("give prompts on the command line or with --file, not both")
+        try:
+            text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"--file {file}: cannot read ({err})") from None
+        given = [line for line in text.splitlines() if line.strip()]
+    if not given:
+        raise InputError(f"no prompts: give some, or a file with one per line (--file {file or 'F'})")
+    return given
 
 
 def _generate_ids(engine, prompts: list[str], sampling: dict) -> list[list[int]]:
@@ -268,7 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--token-ids", action="store_true",
                      help="prompts are space-separated token ids and the output is ids "
                           "(for models without a tokenizer, e.g. random:<preset>)")
-    gen.add_argument("prompt", nargs="+", help="text to continue (several: one batch, left-padded)")
+    gen.add_argument("prompt", nargs="*",
+                     help="text to continue: one is streamed as it is generated; several run as one "
+                          "left-padded batch, each printed after a '### prompt N/M' line; '-' reads stdin")
+    gen.add_argument("--file", default=None, metavar="F",
+                     help="read prompts from F, one per line ('-': stdin)")
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="shape, parameter count and size of a model")

@@ -148,13 +148,37 @@ class Engine:
     ) -> list[str]:
         """Continuations of each prompt, decoded and cut at EOS (the model's, unless the
         settings name another)."""
+        ids, mask = self._encode(prompts)
+        new = self.generate(ids, mask, generation_config=self._text_config(generation_config), **settings)
+        return [self.tokenizer.decode(row.tolist()) for row in new]
+
+    def stream_text(
+        self, prompt: str, *, generation_config: GenerationConfig | None = None, **settings
+    ) -> Iterator[str]:
+        """The continuation of one prompt, piece by piece as its tokens come; joined, the pieces
+        are `generate_text`'s. A piece is held back while it ends inside a character (a
+        byte-level token can carry part of one)."""
+        ids, mask = self._encode([prompt])
+        tokens: list[int] = []
+        shown = ""
+        for token in self.stream(ids, mask, generation_config=self._text_config(generation_config),
+                                 **settings):
+            tokens.append(int(token[0]))
+            text = self.tokenizer.decode(tokens)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):
+                yield text[len(shown):]
+                shown = text
+        if text != shown:
+            yield text[len(shown):]
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:
             raise InputError("this model has no tokenizer.json: pass token ids to generate() "
                              "(on the CLI: generate --token-ids '5 17 42')")
-        ids, mask = self.tokenizer.encode_batch(prompts)
-        config = generation_config or GenerationConfig(eos_token_id=self.config.eos_token_id)
-        new = self.generate(ids, mask, generation_config=config, **settings)
-        return [self.tokenizer.decode(row.tolist()) for row in new]
+        return self.tokenizer.encode_batch(prompts)
+
+    def _text_config(self, given: GenerationConfig | None) -> GenerationConfig:
+        return given or GenerationConfig(eos_token_id=self.config.eos_token_id)
 
     def _check_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, extra: int

@@ -23,6 +23,40 @@ def test_generate_on_embedded_model_prints_greedy_continuation():
     assert result.stdout == prompt + expected + "\n"
 
 
+def run_with_input(stdin: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bloom_runtime", *args], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_one_prompt_streams_piece_by_piece_and_joins_to_the_whole():
+    """Bug: printing only at the end (or cutting a character in two mid-stream)."""
+    engine, prompt = br.load(), "以下是中国关于计算机网络考试的单项选择题"
+    pieces = list(engine.stream_text(prompt, max_new_tokens=12))
+    assert len(pieces) > 1 and all(piece and "\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) == engine.generate_text([prompt], max_new_tokens=12)[0]
+
+
+def test_several_prompts_are_told_apart_even_with_newlines(tmp_path):
+    """Bug: outputs run together; a continuation with a newline looks like two outputs."""
+    prompts = ["你好", "答案：", "以下是中国关于计算机网络考试的单项选择题"]
+    texts = br.load().generate_text(prompts, max_new_tokens=24)
+    assert any("\n" in text for text in texts)  # the case that needs a separator
+    from_args = run("generate", "--max-new-tokens", "24", *prompts)
+    from_stdin = run_with_input("\n".join(prompts) + "\n\n", "generate", "--max-new-tokens", "24", "-")
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts), encoding="utf-8")
+    from_file = run("generate", "--max-new-tokens", "24", "--file", str(tmp_path / "prompts.txt"))
+    expected = "".join(f"### prompt {i}/3\n{p}{t}\n" for i, (p, t) in enumerate(zip(prompts, texts), 1))
+    for result in (from_args, from_stdin, from_file):
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == expected
+
+
+def test_prompts_both_on_the_line_and_in_a_file_are_refused(tmp_path):
+    (tmp_path / "p.txt").write_text("你好\n", encoding="utf-8")
+    result = run("generate", "--file", str(tmp_path / "p.txt"), "你好")
+    assert result.returncode == 2 and "not both" in result.stderr
+
+
 def test_info_on_7b1_preset_gives_published_parameter_count():
     result = run("info", "--model", "random:bloom-7b1")
     assert result.returncode == 0, result.stderr
@@ -67,7 +101,10 @@ def test_ctrl_c_during_precision_keeps_answers_and_the_rerun_resumes(tmp_path):
     out = tmp_path / "out"
     record = out / "predictions.jsonl"
     command = [sys.executable, "-m", "bloom_runtime", "precision", "--batch", "1", "--output-dir", str(out)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then
+    # never turns it into KeyboardInterrupt: give the child the default disposition a terminal has.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not record.is_file() or len(record.read_text().splitlines()) < 6):
         time.sleep(0.05)
