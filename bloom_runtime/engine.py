@@ -159,17 +159,17 @@ class Engine:
         are `generate_text`'s. A piece is held back while it ends inside a character (a
         byte-level token can carry part of one)."""
         ids, mask = self._encode([prompt])
-        tokens: list[int] = []
-        shown = ""
+        pending: list[int] = []  # tokens since the last whole character shown
         for token in self.stream(ids, mask, generation_config=self._text_config(generation_config),
                                  **settings):
-            tokens.append(int(token[0]))
-            text = self.tokenizer.decode(tokens)
-            if len(text) > len(shown) and not text.endswith("\ufffd"):
-                yield text[len(shown):]
-                shown = text
-        if text != shown:
-            yield text[len(shown):]
+            pending.append(int(token[0]))
+            text = self.tokenizer.decode(pending)
+            if text and not text.endswith("\ufffd"):
+                yield text
+                pending = []
+        rest = self.tokenizer.decode(pending)
+        if rest:
+            yield rest
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:

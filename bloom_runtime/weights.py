@@ -22,8 +22,7 @@ from .errors import InputError
 from .files import staged_output, write_json
 from .layout import Layout
 from .loader import Source, load, skeleton
-from .quant import QuantSpec, to_quantization_config
-from .quant.compressed_tensors import head_aliases
+from .quant import QuantSpec, head_aliases, to_quantization_config
 from .tokenizer import CONFIG_FILES as TOKENIZER_CONFIG_FILES
 from .tokenizer import FILENAME as TOKENIZER_FILE
 

@@ -22,6 +22,7 @@ from transformers import BloomForCausalLM
 
 import bloom_runtime as br
 from bloom_runtime import ceval
+from bloom_runtime.agreement import kl_divergence
 from bloom_runtime.ceval import evaluation, prompts, scoring
 from bloom_runtime.ceval.dataset import LETTERS
 from bloom_runtime.config import PRESETS, BloomConfig
@@ -86,8 +87,8 @@ def float32_result():
 
 def distribution_shift(probs: torch.Tensor, baseline: torch.Tensor) -> tuple[float, float]:
     """Mean KL(baseline || probs) over questions, and the largest |p - p_baseline| of any letter."""
-    kl = (baseline * (baseline.clamp(min=1e-12).log() - probs.clamp(min=1e-12).log())).sum(-1)
-    return float(kl.mean()), float((probs - baseline).abs().max())
+    kl = kl_divergence(probs.clamp(min=1e-12).log(), baseline.clamp(min=1e-12).log())
+    return kl, float((probs - baseline).abs().max())
 
 
 def check_against_thresholds(row: Threshold, runs: Runs) -> None:

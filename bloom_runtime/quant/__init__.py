@@ -3,7 +3,7 @@
 (compressed_tensors.py)."""
 
 from .base import QuantizedLinear
-from .compressed_tensors import from_quantization_config, to_quantization_config
+from .compressed_tensors import from_quantization_config, head_aliases, to_quantization_config
 from .int8 import (
     Int8Linear,
     Int8StaticAsymLinear,
@@ -18,6 +18,7 @@ from .spec import QuantSpec
 
 __all__ = [
     "HEADS", "LINEARS", "Int8Linear", "Int8StaticAsymLinear", "Int8StaticLinear", "Int8TiedEmbedding",
-    "Int8WeightOnlyLinear", "QuantSpec", "QuantizedLinear", "from_quantization_config", "quantize_model",
+    "Int8WeightOnlyLinear", "QuantSpec", "QuantizedLinear", "from_quantization_config", "head_aliases",
+    "quantize_model",
     "quantize_weight", "quantized_skeleton", "to_quantization_config",
 ]  # fmt: skip
