@@ -23,7 +23,7 @@ from .files import staged_output, write_json
 from .layout import Layout
 from .loader import Source, load, skeleton
 from .quant import QuantSpec, to_quantization_config
-from .quant.compressed_tensors import head_aliases
+from .quant.compressed_tensors import extra_tensors
 from .tokenizer import CONFIG_FILES as TOKENIZER_CONFIG_FILES
 from .tokenizer import FILENAME as TOKENIZER_FILE
 
@@ -31,7 +31,7 @@ from .tokenizer import FILENAME as TOKENIZER_FILE
 def write_checkpoint(engine: Engine, directory: Path, layout: Layout | None = None) -> None:
     """The engine's weights as a Hugging Face layout (`transformer.` names, tied head omitted)."""
     checkpoint.write_state(engine.model.state_dict(), directory / checkpoint.SAFETENSORS,
-                           head_aliases(engine.model))
+                           extra_tensors(engine.model))
     config = {**engine.config.to_dict(), **(layout or Layout()).to_dict(),
               "torch_dtype": str(engine.dtype).removeprefix("torch.")}
     write_json(directory / "config.json", config)

@@ -10,6 +10,7 @@ two modules, an `Embedding` (whose input is token ids, never quantized) and the
 embedding weight-only and `lm_head` with the head's own activations, and its
 scale is written a second time under `lm_head.weight_scale` (transformers ties
 only `weight`). Checkpoints from before, with one group targeting both, still read.
+Packed (int4) weights also carry their unpacked shape, `weight_shape`.
 """
 
 from __future__ import annotations
@@ -48,10 +49,17 @@ def to_quantization_config(spec: QuantSpec, model: nn.Module, **provenance: Any)
     }
 
 
-def head_aliases(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Tensors written under `lm_head`'s own name for readers that untie the head: its scale."""
-    heads = [m for m in model.modules() if isinstance(m, tuple(HEADS.values()))]
-    return {f"{HEAD_NAME}.weight_scale": heads[0].weight_scale.detach().clone()} if heads else {}
+def extra_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors compressed-tensors reads that the runtime does not (full names): the tied head's
+    scale under `lm_head`'s own name (readers untie the head), and each packed weight's shape."""
+    extra = {}
+    for name, module in model.named_modules():
+        if isinstance(module, tuple(HEADS.values())):
+            extra[f"{HEAD_NAME}.weight_scale"] = module.weight_scale.detach().clone()
+        if hasattr(module, "weight_packed"):
+            rows, words = module.weight_packed.shape
+            extra[f"{PREFIX}{name}.weight_shape"] = torch.tensor([rows, words * 32 // module.WEIGHTS["num_bits"]])
+    return extra
 
 
 def _group(targets: list[str], fmt: str, weights: dict, activations: dict | None) -> dict:

@@ -7,6 +7,7 @@ kernels.py if it needs a new one; tests.
 from __future__ import annotations
 
 from .base import QuantizedLinear
+from .int4 import Int4WeightOnlyLinear, Int4WeightOnlyLinearG32, Int4WeightOnlyLinearG64
 from .int8 import (
     Int8DynamicTiedEmbedding,
     Int8Linear,
@@ -17,7 +18,8 @@ from .int8 import (
 )
 
 LINEARS: dict[str, type[QuantizedLinear]] = {
-    cls.scheme: cls for cls in (Int8Linear, Int8StaticLinear, Int8StaticAsymLinear, Int8WeightOnlyLinear)
+    cls.scheme: cls for cls in (Int8Linear, Int8StaticLinear, Int8StaticAsymLinear, Int8WeightOnlyLinear,
+                                Int4WeightOnlyLinear, Int4WeightOnlyLinearG64, Int4WeightOnlyLinearG32)
 }
 # Schemes that also quantize the tied embedding/head by default (`--float-head` keeps it float).
 HEADS = {cls.scheme: cls for cls in (Int8TiedEmbedding, Int8DynamicTiedEmbedding)}
