@@ -195,7 +195,7 @@ def read_state(
 def write_state(state: dict[str, torch.Tensor], path: Path,
                 outside: dict[str, torch.Tensor] | None = None) -> None:
     """Tensors as one safetensors file, under Hugging Face's names (`transformer.` prefix), plus
-    `outside` under the names given (tensors of `lm_head`, which sits outside `transformer.`)."""
+    `outside` under the full names given (what other readers need and the runtime skips)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {PREFIX + n: t.contiguous() for n, t in state.items()} | (outside or {})
     save_file(tensors, path, metadata={"format": "pt"})

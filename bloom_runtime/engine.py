@@ -41,7 +41,7 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.word_embeddings.weight.device
+        return self.model.ln_f.weight.device  # the embedding may be quantized
 
     @property
     def dtype(self) -> torch.dtype:

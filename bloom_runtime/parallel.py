@@ -92,19 +92,28 @@ def check_divisible(config: BloomConfig, world: int) -> None:
         raise DistributedError(f"tp={world} must divide n_head={config.n_head} (whole heads per rank)")
 
 
+def vocab_rows(vocab_size: int, world: int) -> int:
+    """Rows of the vocabulary on each rank (the last rank's padded)."""
+    return -(-vocab_size // world)
+
+
 def shard_tensor(tensor: torch.Tensor, declared: Stored, split: str | None, shard: Shard) -> torch.Tensor:
     """Rank `shard.rank`'s part of a full tensor (a copy), by its module's `split` and its axes."""
     rank, world = shard.rank, shard.world
     if split is None or world == 1:
         return tensor
     if split == "vocab":  # padding rows are zero, with scale 1 so that int8 scales stay valid
-        rows = -(-tensor.shape[0] // world)
+        rows = vocab_rows(tensor.shape[0], world)
         fill = 1.0 if declared.kind == SCALE else 0.0
         padded = F.pad(tensor, (0, 0, 0, rows * world - tensor.shape[0]), value=fill)
         return padded[rank * rows : (rank + 1) * rows].clone()
     axis = {"column": OUT, "row": IN}[split]
     if axis in declared.axes:
-        return tensor.chunk(world, dim=declared.axes.index(axis))[rank].clone()
+        dim = declared.axes.index(axis)
+        if tensor.shape[dim] % world:
+            raise DistributedError(f"tp={world} does not divide a {split}-parallel tensor of shape "
+                                   f"{tuple(tensor.shape)} evenly")
+        return tensor.chunk(world, dim=dim)[rank].clone()
     if split == "row" and declared.summed:
         return tensor.clone() if rank == 0 else torch.zeros_like(tensor)
     return tensor
@@ -122,6 +131,8 @@ def shard_skeleton(model: Bloom, shard: Shard) -> None:
         return
     for module in model.modules():
         split = getattr(module, "split", None)
+        if hasattr(module, "check_split"):  # schemes with their own rules (int4 groups)
+            module.check_split(shard.world)
         for leaf, param in list(module.named_parameters(recurse=False)):
             part = shard_tensor(param.detach(), stored(module, leaf), split, shard)
             setattr(module, leaf, nn.Parameter(part, requires_grad=False))
@@ -129,7 +140,8 @@ def shard_skeleton(model: Bloom, shard: Shard) -> None:
     model.heads = range(shard.rank * per_rank, (shard.rank + 1) * per_rank)
     embedding = model.word_embeddings
     embedding.__class__ = _vocab_parallel(type(embedding))
-    embedding.start, embedding.vocab_size = shard.rank * embedding.weight.shape[0], model.config.vocab_size
+    embedding.rows = vocab_rows(model.config.vocab_size, shard.world)
+    embedding.start, embedding.vocab_size = shard.rank * embedding.rows, model.config.vocab_size
 
 
 class _VocabParallel:
@@ -137,11 +149,12 @@ class _VocabParallel:
     the padded vocabulary live on this rank."""
 
     start: int
+    rows: int
     vocab_size: int
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         local = input_ids - self.start
-        outside = (local < 0) | (local >= self.weight.shape[0])
+        outside = (local < 0) | (local >= self.rows)
         out = super().forward(local.masked_fill(outside, 0))
         out = out.masked_fill(outside[..., None], 0.0)
         dist.all_reduce(out)

@@ -22,7 +22,7 @@ from .errors import InputError
 from .files import staged_output, write_json
 from .layout import Layout
 from .loader import Source, load, skeleton
-from .quant import QuantSpec, head_aliases, to_quantization_config
+from .quant import QuantSpec, extra_tensors, to_quantization_config
 from .tokenizer import CONFIG_FILES as TOKENIZER_CONFIG_FILES
 from .tokenizer import FILENAME as TOKENIZER_FILE
 
@@ -30,7 +30,7 @@ from .tokenizer import FILENAME as TOKENIZER_FILE
 def write_checkpoint(engine: Engine, directory: Path, layout: Layout | None = None) -> None:
     """The engine's weights as a Hugging Face layout (`transformer.` names, tied head omitted)."""
     checkpoint.write_state(engine.model.state_dict(), directory / checkpoint.SAFETENSORS,
-                           head_aliases(engine.model))
+                           extra_tensors(engine.model))
     config = {**engine.config.to_dict(), **(layout or Layout()).to_dict(),
               "torch_dtype": str(engine.dtype).removeprefix("torch.")}
     write_json(directory / "config.json", config)

@@ -7,11 +7,14 @@ Weight-only paths agree to float rounding; static activations to an occasional
 flip at a rounding boundary. Dynamic per-token activations differ by convention:
 compressed-tensors scales a row by |max|/127.5, we (like SmoothQuant) by |max|/127,
 which alone moves KL by ~0.015 on this model, as much as int8 itself. So dynamic
-rows are compared with compressed-tensors' row scaling put in our place: what is
+rows are compared with compressed-tensors' row scaling put in our place, and int4
+rows with our float32 dequantized path in place of the bfloat16 kernel: what is
 left is how each side reads the stored weights and scales.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -20,8 +23,9 @@ from hf_checkpoints import hf_model, save
 from random_batches import left_padded_batch
 
 import bloom_runtime as br
+from bloom_runtime import kernels
 from bloom_runtime.agreement import kl_divergence, relative_error, top1_agreement
-from bloom_runtime.quant import QuantSpec, int8
+from bloom_runtime.quant import QuantSpec, int4, int8
 from bloom_runtime.weights import quantize_checkpoint
 
 pytest.importorskip("compressed_tensors", reason="compressed-tensors is in the test extra")
@@ -39,6 +43,8 @@ SPECS = {  # name: (recipe, bounds)
     "w8a8-static": (QuantSpec.from_name("w8a8-static"), STATIC),
     "w8a8-static-asym": (QuantSpec("w8a8-static-asym", None, (1,)), STATIC),
     "static-with-w8a16-head": (QuantSpec("w8a8-static", head="w8a16"), STATIC),
+    "w4a16-float-head": (QuantSpec("w4a16", None), EXACT),  # transformers runs no int4 Embedding
+    "w4a16-g32-float-head": (QuantSpec("w4a16-g32", None), EXACT),
 }
 
 
@@ -59,6 +65,8 @@ def test_transformers_loads_our_checkpoint_and_agrees(checkpoint, tmp_path, monk
     out = quantize_checkpoint(checkpoint, tmp_path / name, spec)
     if (max_error, min_top1, max_kl) == DYNAMIC:
         monkeypatch.setattr(int8, "quantize_per_token", _their_row_scaling)
+    if spec.linear.startswith("w4a16"):  # in float32, as transformers: the kernel's bfloat16 is tested apart
+        monkeypatch.setattr(int4, "Int4Weights", functools.partial(kernels.Int4Weights, int4pack=False))
     ids, mask = left_padded_batch(FIELDS["vocab_size"], [48, 30, 9], seed=3)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():

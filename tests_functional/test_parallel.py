@@ -35,6 +35,8 @@ CONFIGS = {
                               apply_residual_connection_post_layernorm=True),
 }  # fmt: skip
 INT8 = ("w8a8", "w8a8-static", "w8a16")
+# W4A16 needs row-parallel cuts on whole groups: 192 and 768 inputs split into 3 and 12 groups of 32
+INT4_FIELDS = dict(n_head=6, hidden_size=192, vocab_size=251, n_layer=2)
 # dtype x scheme cells beyond float32: (quant, dtype) -> (min top-1, max relative error) against TP=1
 # (measured on the two configs: top-1, relative error)
 REDUCED = {
@@ -73,6 +75,7 @@ def checkpoints(tmp_path_factory, tp_size):
         quantized = quantize_checkpoint(full, root / f"{name}-w8a8-static", QuantSpec("w8a8-static"))
         made[name + "-int8-cut"] = cut_checkpoint(quantized, root / f"{name}-int8-cut", tp=tp_size)
         made[name + "-int8"] = quantized
+    made["int4-groups"] = save(hf_model(seed=17, **INT4_FIELDS), root / "int4-groups")
     return made
 
 
@@ -80,7 +83,8 @@ def checkpoints(tmp_path_factory, tp_size):
 def tp(checkpoints, tp_size):
     """Everything the TP tests compare, computed in one multi-rank run (spawning is slow). Every
     rank must succeed and compute what rank 0 computes."""
-    jobs = [(str(checkpoints[n]), None, "float32") for n in checkpoints if not n.endswith("int8")]
+    jobs = [(str(checkpoints[n]), None, "float32") for n in checkpoints if not n.endswith(("int8", "groups"))]
+    jobs += [(str(checkpoints["int4-groups"]), "w4a16-g32", "float32")]
     jobs += [(str(checkpoints[n]), q, "float32") for n in CONFIGS for q in INT8]
     jobs += [(str(checkpoints[n]), q, dtype) for n in CONFIGS for q, dtype in REDUCED]
     first, *others = on_every_rank(run_ranks(many, tp_size, jobs))
@@ -107,6 +111,17 @@ def test_tp_w8a8_greedy_tokens_equal_tp1(checkpoints, tp, name, quant):
     """W8A8 sums int8 products exactly in int32, and per-token scales span the whole token."""
     single = outputs(str(checkpoints[name]), quant)
     assert torch.equal(tp[(str(checkpoints[name]), quant, "float32")]["greedy"], single["greedy"])
+
+
+def test_tp_w4a16_close_to_tp1(checkpoints, tp):
+    """W4A16 multiplies in bfloat16 on every rank (the kernel's "A16"), so TP=2 equals TP=1 to
+    bfloat16 rounding of the partial sums (measured: top-1 1.0, relative error 3.9e-3)."""
+    path = str(checkpoints["int4-groups"])
+    single, double = outputs(path, "w4a16-g32"), tp[(path, "w4a16-g32", "float32")]
+    top1 = top1_agreement(double["logits"], single["logits"], single["mask"])
+    error = relative_error(double["logits"], single["logits"], single["mask"])
+    print(f"w4a16-g32 tp: top-1 {top1:.3f}, relative error {error:.2e}")
+    assert top1 >= 0.95 and error <= 0.02, f"top-1 {top1:.3f}, relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

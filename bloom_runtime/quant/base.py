@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..calibration import ActivationStats
@@ -37,3 +38,8 @@ class QuantizedLinear(nn.Module):
     def from_float(cls, linear: nn.Module, stats: ActivationStats | None) -> QuantizedLinear:
         """Quantize a float linear (`stats`: its calibrated inputs, when `calibrated`)."""
         raise NotImplementedError
+
+
+def frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    """A stored tensor as a parameter that is never trained (None stays None)."""
+    return None if tensor is None else nn.Parameter(tensor, requires_grad=False)

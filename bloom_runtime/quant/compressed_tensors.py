@@ -9,7 +9,11 @@ two modules, an `Embedding` (whose input is token ids, never quantized) and the
 `lm_head` Linear tied to it. So a quantized head is written as two groups, the
 embedding weight-only and `lm_head` with the head's own activations, and its
 scale is written a second time under `lm_head.weight_scale` (transformers ties
-only `weight`). Checkpoints from before, with one group targeting both, still read.
+only `weight`). An int4 head is written in the same form, but transformers 5.24 runs
+no packed `Embedding` (it has no `weight`), so only this runtime loads it: other
+engines need `--float-head` with int4. Checkpoints from before,
+with one group targeting both, still read. Packed (int4) weights also carry their
+unpacked shape, `weight_shape`.
 """
 
 from __future__ import annotations
@@ -48,10 +52,19 @@ def to_quantization_config(spec: QuantSpec, model: nn.Module, **provenance: Any)
     }
 
 
-def head_aliases(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Tensors written under `lm_head`'s own name for readers that untie the head: its scale."""
-    heads = [m for m in model.modules() if isinstance(m, tuple(HEADS.values()))]
-    return {f"{HEAD_NAME}.weight_scale": heads[0].weight_scale.detach().clone()} if heads else {}
+def extra_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors compressed-tensors reads that the runtime does not (full names): an int8 tied
+    head's scale under `lm_head`'s own name (readers untie the head), and each packed
+    weight's unpacked shape."""
+    extra = {}
+    for name, module in model.named_modules():
+        if isinstance(module, tuple(HEADS.values())) and hasattr(module, "weight"):
+            extra[f"{HEAD_NAME}.weight_scale"] = module.weight_scale.detach().clone()
+        if hasattr(module, "weight_packed"):
+            module.check_storable(name, module.in_features)
+            extra[f"{PREFIX}{name}.weight_shape"] = torch.tensor([module.weight_packed.shape[0],
+                                                                  module.in_features])
+    return extra
 
 
 def _group(targets: list[str], fmt: str, weights: dict, activations: dict | None) -> dict:

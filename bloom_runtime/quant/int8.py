@@ -15,7 +15,7 @@ from ..calibration import ActivationStats
 from ..kernels import Int8Gemm, weight_only_matmul
 from ..model import Linear, TiedEmbedding
 from ..tensors import IN, INT, OUT, SCALE, VOCAB, Stored
-from .base import QuantizedLinear
+from .base import QuantizedLinear, frozen
 
 CHANNEL_INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
 
@@ -43,10 +43,6 @@ def _w8a8(x: torch.Tensor, quantize, gemm: Int8Gemm) -> torch.Tensor:
     return gemm(q, scale).to(x.dtype).view(*x.shape[:-1], -1)
 
 
-def _frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
-    return None if tensor is None else nn.Parameter(tensor, requires_grad=False)
-
-
 class _Int8Weights(QuantizedLinear):
     """int8 weight [out, in] with float32 scales [out, 1] and a float bias, as compressed-tensors
     names them."""
@@ -58,9 +54,9 @@ class _Int8Weights(QuantizedLinear):
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  split: str | None = None) -> None:
         super().__init__()
-        self.weight = _frozen(weight)
-        self.weight_scale = _frozen(weight_scale.float())
-        self.bias = _frozen(bias)
+        self.weight = frozen(weight)
+        self.weight_scale = frozen(weight_scale.float())
+        self.bias = frozen(bias)
         self.split = split
 
     @classmethod
@@ -126,7 +122,7 @@ class Int8StaticLinear(Int8Linear):
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  input_scale: torch.Tensor, split: str | None = None) -> None:
         super().__init__(weight, weight_scale, bias, split)
-        self.input_scale = _frozen(input_scale.float())
+        self.input_scale = frozen(input_scale.float())
 
     @classmethod
     def from_float(cls, linear: nn.Module, stats: ActivationStats | None) -> QuantizedLinear:
@@ -147,7 +143,7 @@ class Int8StaticAsymLinear(Int8StaticLinear):
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  input_scale: torch.Tensor, input_zero_point: torch.Tensor, split: str | None = None) -> None:
         super().__init__(weight, weight_scale, bias, input_scale, split)
-        self.input_zero_point = _frozen(input_zero_point)
+        self.input_zero_point = frozen(input_zero_point)
 
     @classmethod
     def from_float(cls, linear: nn.Module, stats: ActivationStats | None) -> QuantizedLinear:
@@ -180,8 +176,8 @@ class Int8TiedEmbedding(TiedEmbedding):
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, compute_dtype: torch.dtype) -> None:
         nn.Module.__init__(self)
-        self.weight = _frozen(weight)
-        self.weight_scale = _frozen(weight_scale)
+        self.weight = frozen(weight)
+        self.weight_scale = frozen(weight_scale)
         self.compute_dtype = compute_dtype  # what looked-up rows dequantize to
 
     @classmethod

@@ -6,6 +6,7 @@ kernels.py if it needs a new one; tests.
 
 from __future__ import annotations
 
+from . import int4
 from .base import QuantizedLinear
 from .int8 import (
     Int8DynamicTiedEmbedding,
@@ -17,7 +18,8 @@ from .int8 import (
 )
 
 LINEARS: dict[str, type[QuantizedLinear]] = {
-    cls.scheme: cls for cls in (Int8Linear, Int8StaticLinear, Int8StaticAsymLinear, Int8WeightOnlyLinear)
+    cls.scheme: cls for cls in (Int8Linear, Int8StaticLinear, Int8StaticAsymLinear, Int8WeightOnlyLinear,
+                                *int4.LINEARS)
 }
 # Schemes that also quantize the tied embedding/head by default (`--float-head` keeps it float).
-HEADS = {cls.scheme: cls for cls in (Int8TiedEmbedding, Int8DynamicTiedEmbedding)}
+HEADS = {cls.scheme: cls for cls in (Int8TiedEmbedding, Int8DynamicTiedEmbedding, *int4.HEADS)}

@@ -1,0 +1,169 @@
+"""INT4 weight-only (W4A16): group-wise symmetric int4 weights, 16-bit activations.
+
+Each group of `GROUP` input channels of an output row has its own scale:
+w = q * scale, q in [-8, 7], scale = |max| / 7.5 as compressed-tensors computes
+it. Symmetric, because that is the form transformers with compressed-tensors 0.20
+loads (it cannot read an asymmetric group's packed zero point back) and the one
+llm-compressor's W4A16 preset writes; the int4 kernels run it with a zero offset.
+
+A checkpoint holds compressed-tensors' pack-quantized form: `weight_packed` (int32
+words, eight values each, along the input), `weight_scale` [out, in / GROUP], and
+`weight_shape` (written by compressed_tensors.py). A width that is not a multiple
+of the group (the embedded model's 144) is padded with zero weights to whole
+groups, and its activations with zeros at run time; such a layer runs and
+quantizes on load, but compressed-tensors cannot store it, so writing one is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+from torch import nn
+
+from ..calibration import ActivationStats
+from ..errors import DistributedError, InputError
+from ..kernels import Int4Weights
+from ..model import Linear, TiedEmbedding
+from ..tensors import IN, INT, OUT, SCALE, VOCAB, Stored
+from .base import QuantizedLinear, frozen
+
+BITS = 4
+PER_WORD = 32 // BITS  # int4 values in one int32
+GROUP_WEIGHTS = {"num_bits": BITS, "type": "int", "symmetric": True, "strategy": "group", "dynamic": False}
+
+
+def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 per group of `group` inputs: (q int8 [N, K'] in [-8, 7], float32 scale
+    [N, K' / group]), K' the width padded with zero weights to whole groups."""
+    rows, width = weight.shape
+    w = F.pad(weight.float(), (0, -width % group)).view(rows, -1, group)
+    scale = w.abs().amax(-1).clamp(min=1e-8) / 7.5
+    q = torch.round(w / scale[..., None]).clamp(-8, 7)
+    return q.view(rows, -1).to(torch.int8), scale
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """q int8 [rows, words * 8] from compressed-tensors' packed int32 words [rows, words]."""
+    rows, words = packed.shape
+    return unpack_from_int32(packed.cpu(), BITS, torch.Size((rows, words * PER_WORD))).to(packed.device)
+
+
+def padded_width(width: int, group: int) -> int:
+    return width + (-width % group)
+
+
+class _Int4Weights:
+    """What the int4 linear and the int4 head share: packed words, group scales, and the
+    kernel built from them on first use (checkpoints assign the tensors after construction)."""
+
+    GROUP: int
+    weight_packed: nn.Parameter
+    weight_scale: nn.Parameter
+    _kernel: Int4Weights | None = None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] @ w^T in x's dtype; x narrower than the packed width is padded with zeros."""
+        if self._kernel is None:
+            self._kernel = Int4Weights(unpack(self.weight_packed), self.weight_scale, self.GROUP)
+        width = self.weight_packed.shape[1] * PER_WORD
+        return self._kernel(F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x)
+
+    def check_storable(self, name: str, width: int) -> None:
+        """compressed-tensors stores whole groups only."""
+        if width % self.GROUP:
+            raise InputError(f"{name}: input width {width} is not a multiple of int4 group {self.GROUP}; "
+                             "compressed-tensors cannot store it (quantize on load instead)")
+
+
+class Int4WeightOnlyLinear(_Int4Weights, QuantizedLinear):
+    """W4A16 with groups of 128 inputs (`w4a16-g64`, `w4a16-g32`: smaller groups, more
+    scales, closer to float)."""
+
+    scheme = "w4a16"
+    GROUP = 128
+    FORMAT = "pack-quantized"
+    STORED = {"weight_packed": Stored(INT, (OUT, IN)), "weight_scale": Stored(SCALE, (OUT, IN)),
+              "bias": Linear.STORED["bias"]}  # fmt: skip
+    WEIGHTS = {**GROUP_WEIGHTS, "group_size": GROUP}
+
+    def __init__(self, weight_packed: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 in_features: int, split: str | None = None) -> None:
+        super().__init__()
+        self.weight_packed = frozen(weight_packed)
+        self.weight_scale = frozen(weight_scale.float())
+        self.bias = frozen(bias)
+        self.in_features, self.split = in_features, split  # the float layer's width, before any cut
+
+    @classmethod
+    def empty_like(cls, linear: nn.Module) -> QuantizedLinear:
+        rows, width = linear.weight.shape
+        padded = padded_width(width, cls.GROUP)
+        return cls(torch.empty(rows, padded // PER_WORD, dtype=torch.int32),
+                   torch.empty(rows, padded // cls.GROUP), linear.bias, width, split=linear.split)
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, stats: ActivationStats | None) -> QuantizedLinear:
+        q, scale = quantize_int4(linear.weight, cls.GROUP)
+        return cls(pack_to_int32(q, BITS), scale, linear.bias, linear.weight.shape[1], split=linear.split)
+
+    def check_split(self, world: int) -> None:
+        """A row-parallel cut must fall on group boundaries of the real inputs."""
+        if self.split == "row" and self.in_features % (world * self.GROUP):
+            raise DistributedError(f"tp={world} cuts {self.in_features} inputs into parts that are not "
+                                   f"whole int4 groups of {self.GROUP} ({self.scheme})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class Int4TiedEmbedding(_Int4Weights, TiedEmbedding):
+    """The tied embedding/head in int4 groups: on bloom-560m the head is 250880 x 1024, more
+    weights than all 24 blocks, so W4A16 without it would still read an 8-bit or 16-bit
+    head every step. Lookups unpack and scale just the rows they take."""
+
+    scheme = "w4a16"
+    GROUP = Int4WeightOnlyLinear.GROUP
+    FORMAT = Int4WeightOnlyLinear.FORMAT
+    STORED = {"weight_packed": Stored(INT, (VOCAB, None)), "weight_scale": Stored(SCALE, (VOCAB, None))}
+    WEIGHTS = Int4WeightOnlyLinear.WEIGHTS
+    ACTIVATIONS: dict | None = None
+
+    def __init__(self, weight_packed: torch.Tensor, weight_scale: torch.Tensor, in_features: int,
+                 compute_dtype: torch.dtype) -> None:
+        nn.Module.__init__(self)
+        self.weight_packed = frozen(weight_packed)
+        self.weight_scale = frozen(weight_scale.float())
+        self.in_features, self.compute_dtype = in_features, compute_dtype
+
+    @classmethod
+    def empty_like(cls, embedding: TiedEmbedding, dtype: torch.dtype) -> Int4TiedEmbedding:
+        rows, width = embedding.weight.shape
+        padded = padded_width(width, cls.GROUP)
+        return cls(torch.empty(rows, padded // PER_WORD, dtype=torch.int32),
+                   torch.empty(rows, padded // cls.GROUP), width, dtype)
+
+    @classmethod
+    def from_float(cls, embedding: TiedEmbedding, dtype: torch.dtype) -> Int4TiedEmbedding:
+        q, scale = quantize_int4(embedding.weight, cls.GROUP)
+        return cls(pack_to_int32(q, BITS), scale, embedding.weight.shape[1], dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        q = unpack(F.embedding(input_ids.reshape(-1), self.weight_packed))
+        scale = F.embedding(input_ids.reshape(-1), self.weight_scale).repeat_interleave(self.GROUP, dim=1)
+        rows = (q.float() * scale)[:, : self.in_features]
+        return rows.to(self.compute_dtype).view(*input_ids.shape, -1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x)
+
+
+def with_group(cls: type, group: int) -> type:
+    """`cls` with groups of `group` inputs, named `<scheme>-g<group>`."""
+    return type(f"{cls.__name__}G{group}", (cls,), {
+        "scheme": f"{cls.scheme}-g{group}", "GROUP": group, "WEIGHTS": {**cls.WEIGHTS, "group_size": group}})
+
+
+LINEARS = [Int4WeightOnlyLinear] + [with_group(Int4WeightOnlyLinear, g) for g in (64, 32)]
+HEADS = [Int4TiedEmbedding] + [with_group(Int4TiedEmbedding, g) for g in (64, 32)]
