@@ -1,10 +1,10 @@
-"""Agreement of every runtime path with float32 on one device: the figures behind INT8 and TP.
+"""Agreement of every runtime path with float32 on one device: the figures behind INT8, INT4 and TP.
 
     python tools/paths_report.py --model tiny
     torchrun --standalone --nproc_per_node 2 tools/paths_report.py --model random:bloom-560m
 
-For each dtype (float32, bfloat16, float16) and INT8 scheme (w8a8, w8a8-static,
-w8a16) at this world size, against float32 at tp=1 on the same weights and
+For each dtype (float32, bfloat16, float16) and low-bit scheme (w8a8, w8a8-static,
+w8a16, w4a16, w4a16-g32) at this world size, against float32 at tp=1 on the same weights and
 prompts: top-1 agreement over real tokens, max |error| over the logit scale,
 mean KL(float32 || path), and whether 32 greedy tokens are identical.
 """
@@ -20,7 +20,8 @@ from bloom_runtime.agreement import kl_divergence, relative_error, top1_agreemen
 from bloom_runtime.tokenizer import left_pad
 
 PATHS = [("float32", None), ("bfloat16", None), ("float16", None),
-         ("float32", "w8a8"), ("float32", "w8a8-static"), ("bfloat16", "w8a16")]  # fmt: skip
+         ("float32", "w8a8"), ("float32", "w8a8-static"), ("bfloat16", "w8a16"),
+         ("bfloat16", "w4a16"), ("bfloat16", "w4a16-g32")]  # fmt: skip
 
 
 def prompts(vocab: int, lengths: list[int], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
