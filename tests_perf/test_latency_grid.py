@@ -17,15 +17,22 @@ from bloom_runtime.bench import cases, harness
 from bloom_runtime.bench.metrics import GUIDE_COLUMNS
 
 pytestmark = pytest.mark.perf
-PEERS = ("hf", "ctranslate2")
+PEERS = ("hf", "ctranslate2", "llamacpp")
+SINGLE_SEQUENCE = {"llamacpp"}  # peers that run batch 1 only
 
 
 @pytest.fixture()
 def peers() -> tuple[str, ...]:
     """Every peer; a missing one is a skip that says so, never a grid quietly run without it."""
-    if importlib.util.find_spec("ctranslate2") is None:
-        pytest.skip("ctranslate2 is not installed (pip install -e '.[peers]'): the grid compares every peer")
+    for module, install in (("ctranslate2", "pip install -e '.[peers]'"),
+                            ("llama_cpp", "tools/install_llamacpp.sh")):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed ({install}): the grid compares every peer")
     return PEERS
+
+
+def runs_case(engine: str, batch: int) -> bool:
+    return batch == 1 or engine not in SINGLE_SEQUENCE
 
 
 def run(tmp_path, name, **kwargs):
@@ -39,7 +46,7 @@ def check_exports(opts, rows, meta, engines):
     stem = opts.output.with_suffix("")
     csv = pd.read_csv(stem.with_suffix(".csv"))
     assert list(csv.columns[: len(GUIDE_COLUMNS)]) == GUIDE_COLUMNS
-    expected = {(e, c.key) for e in engines for c in opts.cases}
+    expected = {(e, c.key) for e in engines for c in opts.cases if runs_case(e, c.batch)}
     assert set(zip(csv["engine"], csv["case"])) == expected
     payload = json.loads(stem.with_suffix(".json").read_text())
     for key in ("model", "dtype", "quant", "tp", "device", "machine", "versions", "grid_average", "results"):
@@ -65,7 +72,7 @@ def check_consistency(csv: pd.DataFrame) -> None:
 def check_ratios(csv: pd.DataFrame, peers) -> None:
     for _, group in csv.groupby("case"):
         ours = group[group.engine == "bloom-runtime"].iloc[0]
-        for peer in peers:
+        for peer in (p for p in peers if runs_case(p, ours["Batch"])):
             theirs = group[group.engine == peer].iloc[0]
             for figure in ("tpot", "ttft"):
                 expected = ours[f"median_{figure}_ms"] / theirs[f"median_{figure}_ms"]

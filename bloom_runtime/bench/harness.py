@@ -58,10 +58,11 @@ def run(opts: PerfOptions, progress: bool = True) -> tuple[list[dict], dict, boo
         torch.set_num_threads(opts.threads)
     threads = torch.get_num_threads()
     model = shared_checkpoint(opts.model, opts.seed, opts.cache) if opts.compare else opts.model
+    longest = max(c.seq_in + c.seq_out for c in opts.cases)
     engine = load(model, dtype=opts.dtype, device=opts.device, quant=opts.quant, seed=opts.seed,
-                  max_seq_len=max(c.seq_in + c.seq_out for c in opts.cases))
+                  max_seq_len=longest)
     runners = [OursRunner(engine)] + [make_peer(name, Path(model), opts.dtype, opts.quant, opts.device,
-                                                opts.cache, threads) for name in opts.compare]
+                                                opts.cache, threads, longest) for name in opts.compare]
     limits = roofline.limits(engine.model, engine.device, opts.quant, engine.dtype)
     writes = opts.output is not None and engine.shard.is_main
     meta = _metadata(opts, engine, threads, limits)
@@ -72,6 +73,9 @@ def run(opts: PerfOptions, progress: bool = True) -> tuple[list[dict], dict, boo
         ids = torch.randint(4, engine.config.vocab_size, (case.batch, case.seq_in),
                             generator=torch.Generator().manual_seed(opts.seed))  # fmt: skip
         for runner in runners:
+            if case.batch > getattr(runner, "max_batch", case.batch):  # said in the metadata's "peers"
+                bar.update()
+                continue
             bar.set_postfix_str(f"{runner.name} {case.key}")
             rows.append(_measure(runner, case, ids, opts, engine.device))
             bar.update()

@@ -2,7 +2,7 @@
 
 Every engine must run the same weights: a checkpoint directory is used as it is,
 and a `random:<preset>` is written once into the cache as a float32 Hugging Face
-checkpoint. Peers' own conversions (CTranslate2) are cached beside it, keyed by
+checkpoint. Peers' own conversions (CTranslate2, llama.cpp's GGUF) are cached beside it, keyed by
 the checkpoint's files. Heavy imports happen only when a peer is made, so the CLI
 can list the peers cheaply.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import InputError
 
 DEFAULT_CACHE = Path.home() / ".cache" / "bloom-runtime" / "peers"
-PEERS = ("hf", "ctranslate2")
+PEERS = ("hf", "ctranslate2", "llamacpp")
 
 
 def shared_checkpoint(model: str, seed: int, cache: Path) -> str:
@@ -45,8 +45,8 @@ def _materialize(model: str, seed: int, target: Path) -> None:
 
 
 def make_peer(name: str, directory: Path, dtype: str, quant: str | None, device: str, cache: Path,
-              threads: int):
-    """A runner for peer `name` on `directory`, in the closest setting to ours (dtype, int8)."""
+              threads: int, max_tokens: int):
+    """A runner for peer `name` on `directory`, in the closest setting to ours (dtype, int8, int4)."""
     from .. import device as devices
     from ..loader import parse_dtype
     from .runners import CTranslate2Runner, HFRunner
@@ -54,6 +54,10 @@ def make_peer(name: str, directory: Path, dtype: str, quant: str | None, device:
     torch_device = devices.resolve(device)
     if name == "hf":
         return HFRunner(directory, parse_dtype(dtype), torch_device)
+    if name == "llamacpp":
+        from .llamacpp import LlamaCppRunner
+
+        return LlamaCppRunner(directory, cache / fingerprint(directory), dtype, quant, threads, max_tokens)
     compute = "int8" if quant else str(parse_dtype(dtype)).removeprefix("torch.")
     return CTranslate2Runner(directory, cache / fingerprint(directory), compute, threads, torch_device)
 
