@@ -158,8 +158,8 @@ def _weights_parser(sub) -> None:
     quant.add_argument("--float-layers", type=int, nargs="*", default=[],
                        help="blocks kept in float, e.g. 7 as the guide did for bloom-7b1")
     quant.add_argument("--float-head", action="store_true",
-                       help="keep the tied embedding/head in float (default: int8 per row for w8a8 and "
-                            "w8a16)")
+                       help="keep the tied embedding/head in float; without it the head is quantized with "
+                            "the scheme (int8 rows for w8a8 and w8a16, int4 groups for w4a16)")
     quant.add_argument("--calib-samples", type=int, default=16, help="128-token calibration windows")
     quant.add_argument("--calib-data", default=None, help="a UTF-8 text file (default: embedded text)")
     quant.add_argument("--dtype", default="float32", choices=sorted(DTYPES),

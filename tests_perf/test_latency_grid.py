@@ -99,6 +99,18 @@ def test_reduced_grid_on_bloom_560m_with_peers(tmp_path, peers):
     check_ratios(csv, peers)
 
 
+@pytest.mark.parametrize("quant", ["w8a8", "w4a16"])
+def test_low_bit_schemes_on_bloom_560m_with_peers(tmp_path, peers, quant):
+    """The int8 and int4 paths against CTranslate2 int8 and llama.cpp Q8_0 / Q4_0, batch 1 and 2."""
+    grid = cases.from_pairs([1, 2], [32], [8])
+    opts, rows, meta = run(tmp_path, quant, model="random:bloom-560m", dtype="bfloat16", quant=quant,
+                           cases=grid, compare=peers, warmup=1, repeat=2)
+    csv = check_exports(opts, rows, meta, ("bloom-runtime", *peers))
+    check_consistency(csv)
+    check_ratios(csv, peers)
+    assert meta["peers"]["llamacpp"].endswith(("Q8_0" if quant == "w8a8" else "Q4_0") + ", batch 1 only")
+
+
 def test_each_case_is_written_when_it_finishes(tmp_path, monkeypatch):
     from bloom_runtime.bench import runners
 

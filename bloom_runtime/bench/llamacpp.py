@@ -63,6 +63,7 @@ class LlamaCppRunner:
         if ids.shape[0] != 1:
             raise InputError(f"the llama.cpp peer runs batch 1, got {ids.shape[0]}")
         times = []
+        self.llm.reset()  # else it keeps the KV cache of a repeated prompt and skips the prefill
         start = time.perf_counter()
         for _ in self.llm.generate(ids[0].tolist(), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, reset=True):
             times.append(time.perf_counter() - start)
