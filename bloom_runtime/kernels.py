@@ -138,8 +138,8 @@ class Int4Weights:
     and outputs in multiples of 16 (others are padded with zero rows: the embedded
     model's vocabulary of 1588).
     Elsewhere (CUDA's `_weight_int4pack_mm` is not wired: no GPU to test it on) the
-    weight is dequantized once, into float32, which keeps W4A16's numerics but not
-    its memory or speed.
+    weight is dequantized once, into the activations' dtype, which keeps W4A16's
+    numerics but not its memory or speed.
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, group: int, int4pack: bool | None = None
@@ -163,5 +163,7 @@ class Int4Weights:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, self.group,
                                                             self.scales_and_zeros)[:, : self.outputs]
         else:
-            y = F.linear(flat, self.dequantized.to(flat.dtype))
+            if self.dequantized.dtype != flat.dtype:  # once: the model's dtype does not change
+                self.dequantized = self.dequantized.to(flat.dtype)
+            y = F.linear(flat, self.dequantized)
         return y.to(x.dtype).view(*x.shape[:-1], -1)

@@ -26,12 +26,12 @@ from ..errors import InputError
 from ..files import staged_output
 
 GGUF = "model.gguf"
-# our scheme or dtype -> llama.cpp's file type (llama_ftype), the closest it has
-FILE_TYPES = {"int8": ("Q8_0", 7), "int4": ("Q4_0", 2), "bfloat16": ("BF16", 32), "float16": ("F16", 1),
-              "float32": ("F32", 0)}  # fmt: skip
+# our scheme or dtype -> llama.cpp's file type (its llama_ftype constant), the closest it has
+FILE_TYPES = {"int8": "MOSTLY_Q8_0", "int4": "MOSTLY_Q4_0", "bfloat16": "MOSTLY_BF16",
+              "float16": "MOSTLY_F16", "float32": "ALL_F32"}  # fmt: skip
 
 
-def file_type(dtype: str, quant: str | None) -> tuple[str, int]:
+def file_type(dtype: str, quant: str | None) -> str:
     """The llama.cpp type for our run: int4 schemes -> Q4_0, int8 -> Q8_0, else the dtype's."""
     if quant:
         return FILE_TYPES["int4" if quant.startswith("w4") else "int8"]
@@ -49,13 +49,14 @@ class LlamaCppRunner:
         except ImportError:
             raise InputError("--compare llamacpp needs llama-cpp-python: run tools/install_llamacpp.sh") \
                 from None
-        kind, ftype = file_type(dtype, quant)
+        ftype = file_type(dtype, quant)
+        kind = ftype.split("_", 1)[1]  # Q8_0, Q4_0, BF16, F16, F32
         self.describe = f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) {kind}, batch 1 only"
         base, path = cache / "gguf-F32" / GGUF, cache / f"gguf-{kind}" / GGUF
         if not base.is_file():
             write_gguf(directory, base.parent)
         if not path.is_file():
-            _quantize(base, path.parent, ftype, threads)
+            _quantize(base, path.parent, getattr(llama_cpp, f"LLAMA_FTYPE_{ftype}"), threads)
         self.llm = llama_cpp.Llama(str(path), n_ctx=max_tokens, n_batch=max_tokens, n_ubatch=max_tokens,
                                    n_threads=threads, n_threads_batch=threads, verbose=False)
 

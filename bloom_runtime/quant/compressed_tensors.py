@@ -61,7 +61,7 @@ def extra_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, tuple(HEADS.values())) and hasattr(module, "weight"):
             extra[f"{HEAD_NAME}.weight_scale"] = module.weight_scale.detach().clone()
         if hasattr(module, "weight_packed"):
-            module.check_storable(name, module.in_features)
+            module.check_storable(name)
             extra[f"{PREFIX}{name}.weight_shape"] = torch.tensor([module.weight_packed.shape[0],
                                                                   module.in_features])
     return extra

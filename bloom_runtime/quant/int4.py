@@ -33,11 +33,16 @@ PER_WORD = 32 // BITS  # int4 values in one int32
 GROUP_WEIGHTS = {"num_bits": BITS, "type": "int", "symmetric": True, "strategy": "group", "dynamic": False}
 
 
+def padded_width(width: int, group: int) -> int:
+    """`width` rounded up to whole groups."""
+    return width + (-width % group)
+
+
 def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int4 per group of `group` inputs: (q int8 [N, K'] in [-8, 7], float32 scale
     [N, K' / group]), K' the width padded with zero weights to whole groups."""
     rows, width = weight.shape
-    w = F.pad(weight.float(), (0, -width % group)).view(rows, -1, group)
+    w = F.pad(weight.float(), (0, padded_width(width, group) - width)).view(rows, -1, group)
     scale = w.abs().amax(-1).clamp(min=1e-8) / 7.5
     q = torch.round(w / scale[..., None]).clamp(-8, 7)
     return q.view(rows, -1).to(torch.int8), scale
@@ -49,15 +54,15 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return unpack_from_int32(packed.cpu(), BITS, torch.Size((rows, words * PER_WORD))).to(packed.device)
 
 
-def padded_width(width: int, group: int) -> int:
-    return width + (-width % group)
-
-
 class _Int4Weights:
     """What the int4 linear and the int4 head share: packed words, group scales, and the
-    kernel built from them on first use (checkpoints assign the tensors after construction)."""
+    kernel built from them on first use (checkpoints assign the tensors after construction),
+    and their compressed-tensors description."""
 
-    GROUP: int
+    GROUP = 128
+    FORMAT = "pack-quantized"
+    WEIGHTS = {**GROUP_WEIGHTS, "group_size": GROUP}
+    in_features: int
     weight_packed: nn.Parameter
     weight_scale: nn.Parameter
     _kernel: Int4Weights | None = None
@@ -69,11 +74,11 @@ class _Int4Weights:
         width = self.weight_packed.shape[1] * PER_WORD
         return self._kernel(F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x)
 
-    def check_storable(self, name: str, width: int) -> None:
+    def check_storable(self, name: str) -> None:
         """compressed-tensors stores whole groups only."""
-        if width % self.GROUP:
-            raise InputError(f"{name}: input width {width} is not a multiple of int4 group {self.GROUP}; "
-                             "compressed-tensors cannot store it (quantize on load instead)")
+        if self.in_features % self.GROUP:
+            raise InputError(f"{name}: input width {self.in_features} is not a multiple of int4 group "
+                             f"{self.GROUP}; compressed-tensors cannot store it (quantize on load instead)")
 
 
 class Int4WeightOnlyLinear(_Int4Weights, QuantizedLinear):
@@ -81,11 +86,8 @@ class Int4WeightOnlyLinear(_Int4Weights, QuantizedLinear):
     scales, closer to float)."""
 
     scheme = "w4a16"
-    GROUP = 128
-    FORMAT = "pack-quantized"
     STORED = {"weight_packed": Stored(INT, (OUT, IN)), "weight_scale": Stored(SCALE, (OUT, IN)),
               "bias": Linear.STORED["bias"]}  # fmt: skip
-    WEIGHTS = {**GROUP_WEIGHTS, "group_size": GROUP}
 
     def __init__(self, weight_packed: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  in_features: int, split: str | None = None) -> None:
@@ -124,10 +126,7 @@ class Int4TiedEmbedding(_Int4Weights, TiedEmbedding):
     head every step. Lookups unpack and scale just the rows they take."""
 
     scheme = "w4a16"
-    GROUP = Int4WeightOnlyLinear.GROUP
-    FORMAT = Int4WeightOnlyLinear.FORMAT
     STORED = {"weight_packed": Stored(INT, (VOCAB, None)), "weight_scale": Stored(SCALE, (VOCAB, None))}
-    WEIGHTS = Int4WeightOnlyLinear.WEIGHTS
     ACTIVATIONS: dict | None = None
 
     def __init__(self, weight_packed: torch.Tensor, weight_scale: torch.Tensor, in_features: int,
