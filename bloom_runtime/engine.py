@@ -123,7 +123,7 @@ class Engine:
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         logits = self.model(ids, full_mask[:, :prompt_len], cache, 0, last_only=True)
         for step in range(max_new_tokens):
-            token = next_token(logits[:, -1].float(), config, generator)
+            token = next_token(logits[:, -1], config, generator)
             token = token.masked_fill(done, self.config.pad_token_id)
             yield token
             if eos_token_id is not None:

@@ -84,12 +84,15 @@ class Int8Gemm:
             self.transposed = weight.t()
             self.row_sums = weight.sum(dim=1, dtype=torch.int32) if zero_point else None
 
-    def __call__(self, q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
-        """The product for int8 `q` [M, K] with `x_scale` [M, 1] (per row) or [1] (per tensor).
+    def __call__(self, q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype = torch.float32
+                 ) -> torch.Tensor:
+        """The product for int8 `q` [M, K] with `x_scale` [M, 1] (per row) or [1] (per tensor),
+        rounded once to `out_dtype`.
 
         Where the activation scale is one number (a decode step's single row, a static
-        scale), oneDNN applies it and the bias in its epilogue: one call per linear
-        instead of three elementwise passes after it.
+        scale), oneDNN applies it and the bias in its epilogue and writes `out_dtype`
+        itself: one call per linear instead of three elementwise passes after it.
+        Per-row scales take one fused multiply-add after the float32 GEMM.
         """
         if self.onednn:
             shifted = q.view(torch.uint8) ^ 128  # two's complement + 128: q + 128 as uint8
@@ -97,16 +100,16 @@ class Int8Gemm:
             y = torch.ops.onednn.qlinear_pointwise.tensor(
                 shifted, x_scale.reshape(()) if fused else self.one, self.shifted_zero_point, self.packed,
                 self.weight_scale, self.weight_zero_points, self.bias if fused else None, 1.0, 0,
-                torch.float32, "none", [], "")  # fmt: skip
-            return y if fused else self._epilogue(y, x_scale)
+                out_dtype if fused else torch.float32, "none", [], "")  # fmt: skip
+            return y if fused else self._epilogue(y, x_scale, out_dtype)
         acc = int8_matmul(q, self.transposed)
         if self.zero_point:
             acc = acc - self.zero_point * self.row_sums
-        return self._epilogue(acc.float() * self.weight_scale, x_scale)
+        return self._epilogue(acc.float() * self.weight_scale, x_scale, out_dtype)
 
-    def _epilogue(self, y: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
-        y = y * x_scale
-        return y if self.bias is None else y + self.bias
+    def _epilogue(self, y: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        y = y * x_scale if self.bias is None else torch.addcmul(self.bias, y, x_scale)
+        return y.to(out_dtype)
 
 
 def _has_onednn_int8() -> bool:

@@ -105,6 +105,9 @@ def test_onednn_int8_gemm_equals_int_mm(rows, zero_point):
         for gemm in (onednn, int_mm):
             error = (gemm(q, x_scale).double() - exact).abs().max() / exact.abs().max()
             assert float(error) < 1e-6  # float32 rounding of the scaled sums
+            rounded = gemm(q, x_scale, torch.bfloat16)
+            assert rounded.dtype == torch.bfloat16
+            assert float(((rounded.double() - exact).abs() / exact.abs()).max()) <= 2**-8  # one rounding
 
 
 def test_w8a16_equals_dequantized_weight_math():

@@ -39,6 +39,16 @@ def test_top_k_keeps_exactly_k_tokens(k):
     assert draws == set(logits[0].topk(k).indices.tolist())
 
 
+@pytest.mark.parametrize("logit_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_greedy_takes_the_first_maximum_in_the_logits_dtype(logit_dtype):
+    logits = torch.randn(3, 250880, generator=torch.Generator().manual_seed(0)).to(logit_dtype)
+    logits[0, [7, 250000]] = 100.0  # a tie: the first index wins, as transformers' argmax picks
+    logits[1, 250879] = 100.0  # the last vocabulary entry
+    chosen = next_token(logits, GenerationConfig(), None)
+    assert chosen.tolist()[:2] == [7, 250879]
+    assert torch.equal(chosen, logits.float().argmax(dim=-1))
+
+
 def test_greedy_ignores_sampling_settings_and_says_which():
     config = GenerationConfig(temperature=0.5, top_p=0.9)
     assert int(next_token(LOGITS, config, None)) == 1
