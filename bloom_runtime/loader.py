@@ -206,6 +206,7 @@ def load(
     seed: int = 0,
     calib_samples: int = 16,
     calib_data: str | os.PathLike | None = None,
+    pack: bool = True,
 ) -> Engine:
     """Load a model ready to generate.
 
@@ -217,6 +218,8 @@ def load(
     torchrun's world size, else 1). `max_seq_len` bounds prompt + new tokens
     (default: the config's seq_length); `seed` seeds random weights and
     calibration; `calib_samples` / `calib_data` choose the calibration text.
+    `pack`: hold bfloat16 linears on CPU in the packed matmul layout (1.4x faster
+    decode; `Bloom.pack_linears`); False keeps plain `weight` parameters to change.
 
     With tp > 1 (or under torchrun) every rank calls this; a rank that fails
     makes all of them raise, before any computes.
@@ -233,6 +236,8 @@ def load(
         spec = QuantSpec.from_name(quant) if isinstance(quant, str) else quant
         calibration = Calibration(calib_samples, calib_data, seed)
         built = build_model(source, torch_dtype, torch_device, spec, shard, seed, calibration)
+        if pack:
+            built.pack_linears()
         engine = Engine(built, source.tokenizer(), max_seq_len, shard)
     except Exception as err:  # reported to every rank, then re-raised
         error = err

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import BloomConfig
 from .kv_cache import KVCache
 from .tensors import FLOAT, IN, OUT, VOCAB, Stored
@@ -69,13 +70,38 @@ def attention_bias(
 class Linear(nn.Linear):
     """A float linear that knows how tensor parallelism splits it: "column" (each rank
     computes some outputs) or "row" (each rank takes some inputs; partial sums are
-    all-reduced). Quantized replacements keep `split`."""
+    all-reduced). Quantized replacements keep `split`.
+
+    `pack` moves the weight into the CPU matmul's own layout (kernels.pack_dense) for
+    inference. The weight is then held once, packed: the `weight` parameter is gone
+    (reading it fails loudly), `state_dict` still gives it back plain, and `unpack`
+    restores it.
+    """
 
     STORED = {"weight": Stored(FLOAT, (OUT, IN)), "bias": Stored(FLOAT, (OUT,), summed=True)}
+    packed: torch.Tensor | None = None
 
     def __init__(self, in_features: int, out_features: int, split: str) -> None:
         super().__init__(in_features, out_features)
         self.split = split
+
+    def pack(self) -> None:
+        self.packed = kernels.pack_dense(self.weight.detach())
+        del self.weight
+
+    def unpack(self) -> None:
+        self.weight = nn.Parameter(kernels.unpack_dense(self.packed), requires_grad=False)
+        self.packed = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return kernels.packed_linear(x, self.packed, self.bias)
+        return super().forward(x)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packed is not None:
+            destination[prefix + "weight"] = kernels.unpack_dense(self.packed)
 
 
 class Attention(nn.Module):
@@ -181,6 +207,13 @@ class Bloom(nn.Module):
     def init_buffers(self, device: torch.device) -> None:
         """Make the non-parameter state on `device`, once the parameters are in place."""
         self.slopes = alibi_slopes(self.config.n_head)[self.heads.start : self.heads.stop].to(device)
+
+    def pack_linears(self) -> None:
+        """Pack every float block linear whose weight the packed CPU matmul serves (see
+        kernels.pack_dense): for inference, after quantization and sharding."""
+        for module in self.modules():
+            if isinstance(module, Linear) and module.packed is None and kernels.can_pack_dense(module.weight):
+                module.pack()
 
     def block_linears(self) -> list[dict[str, nn.Module]]:
         """Per block, its linears by qualified name (`h.0.self_attention.dense`, ...)."""

@@ -52,7 +52,7 @@ def quantize_checkpoint(
         raise InputError(f"--input {input_dir} is already quantized")
     with staged_output(output_dir, [source.directory], force) as staging:
         engine = load(source.name, dtype=dtype, quant=spec, seed=seed,
-                      calib_samples=calib_samples, calib_data=calib_data)
+                      calib_samples=calib_samples, calib_data=calib_data, pack=False)  # to write
         text = str(calib_data) if calib_data else "embedded calibration text"
         provenance = dict(calib_samples=calib_samples, seed=seed,
                           calib_data=text if engine.tokenizer else "random token ids")

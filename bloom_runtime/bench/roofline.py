@@ -62,8 +62,10 @@ def limits(model: Bloom, device: torch.device, quant: str | None, dtype: torch.d
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes one decode step reads: every parameter once (the tied head reads the embedding)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes one decode step reads: every parameter once (the tied head reads the embedding),
+    and the weights packed out of the parameters (model.Linear.pack)."""
+    packed = [m.packed for m in model.modules() if getattr(m, "packed", None) is not None]
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *packed])
 
 
 def kv_bytes(model: Bloom, batch: int, length: int) -> int:

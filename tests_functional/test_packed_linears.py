@@ -1,0 +1,64 @@
+"""bfloat16 linears on CPU run on weights packed into oneDNN's layout (model.Linear.pack).
+
+Packing must change nothing a user can see but speed: the same logits bit for bit,
+the same state_dict, the same weight bytes in the roofline, and a weight that comes
+back plain. Each test names the bug it guards against.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bloom_runtime as br
+from bloom_runtime import kernels
+from bloom_runtime.bench import roofline
+from bloom_runtime.model import Linear
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_packed_linear_equals_the_plain_one(rows):
+    """Guards a wrong layout, a dropped bias or a transposed weight."""
+    torch.manual_seed(0)
+    linear = Linear(96, 80, "column").to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(2, rows, 96, dtype=torch.bfloat16)
+    expected = linear(x)
+    weight = linear.weight.clone()
+    linear.pack()
+    assert not hasattr(linear, "weight")  # held once: no plain copy left behind
+    assert torch.equal(linear(x), expected)
+    linear.unpack()
+    assert torch.equal(linear.weight, weight) and torch.equal(linear(x), expected)
+
+
+@pytest.fixture(scope="module")
+def engines():
+    return br.load("tiny", dtype="bfloat16"), br.load("tiny", dtype="bfloat16", pack=False)
+
+
+def test_load_packs_bfloat16_block_linears_on_cpu(engines):
+    packed, plain = engines
+    linears = [m for m in packed.model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.packed is not None for m in linears)
+    assert all(m.packed is None for m in plain.model.modules() if isinstance(m, Linear))
+    assert kernels.can_pack_dense(torch.empty(1, dtype=torch.bfloat16))
+    assert not kernels.can_pack_dense(torch.empty(1, dtype=torch.float16))  # measured: no gain
+
+
+def test_packed_engine_gives_the_same_logits_and_tokens(engines):
+    packed, plain = engines
+    ids = torch.tensor([[0, 0, 5, 17, 42, 9], [3, 8, 1, 2, 77, 4]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    assert torch.equal(packed.logits(ids, mask), plain.logits(ids, mask))
+    tokens = [engine.generate(ids, mask, max_new_tokens=6) for engine in engines]
+    assert torch.equal(*tokens)
+
+
+def test_packed_engine_keeps_its_state_dict_and_weight_bytes(engines):
+    """Guards `weights quant` writing a model without its float layers' weights, and the
+    roofline's bandwidth limit counting only the unpacked parameters."""
+    packed, plain = engines
+    a, b = packed.model.state_dict(), plain.model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[name], b[name]) for name in b)
+    assert roofline.weight_bytes(packed.model) == roofline.weight_bytes(plain.model)
