@@ -169,7 +169,11 @@ class Int4Weights:
     float32 or float16 it takes 62 / 90 ms at 8 rows), so float32 and float16 inputs
     are rounded to bfloat16 there (the "A16"). It takes groups of 32, 64, 128 or 256,
     and outputs in multiples of 16 (others are padded with zero rows: the embedded
-    model's vocabulary of 1588).
+    model's vocabulary of 1588). Prefill uses it too: dequantizing the 4096 x 1024
+    weight per call (4.7 ms) and a bfloat16 GEMM beat it only past ~700 rows on a Xeon
+    without AMX (1024 rows 57.6 against 62.5 ms; 256 rows 18.9 against 15.4), too
+    little for a second path; an AMX machine, with a far faster bfloat16 GEMM, would
+    move that crossover down and is where to measure it again.
     Elsewhere (CUDA's `_weight_int4pack_mm` is not wired: no GPU to test it on) the
     weight is dequantized once, into the activations' dtype, which keeps W4A16's
     numerics but not its memory or speed.

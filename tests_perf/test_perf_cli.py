@@ -38,3 +38,33 @@ def test_pairs_write_csv_json_png_and_print_the_grid_average(tmp_path):
 def test_bad_grid_is_one_line_and_status_2(tmp_path, args, words):
     result = perf(*args, "--output", str(tmp_path / "x.csv"))
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+
+
+def _run_json(path, quant, peers, rows):
+    """A perf JSON as `bloom-runtime perf` writes it, reduced to what tools/latency_table.py reads."""
+    results = [{"engine": e, "Batch": b, "InputSeqLen(Encoding)": s, "TimePerToken(ms)": tpot,
+                "TimeOfFirstToken(ms)": ttft} for e, b, s, tpot, ttft in rows]
+    path.write_text(json.dumps({"quant": quant, "dtype": "bfloat16", "peers": peers, "results": results}))
+    return str(path)
+
+
+def test_latency_table_puts_each_engines_figures_in_its_column(tmp_path):
+    """Guards the README table against a peer's figures landing under another engine or
+    another scheme's row (the two runs below differ in every number)."""
+    w8a8 = _run_json(tmp_path / "a.json", "w8a8", {"ctranslate2": "ctranslate2 4.8.5 compute_type=int8"}, [
+        ("bloom-runtime", 1, 32, 30.0, 70.0), ("bloom-runtime", 1, 1024, 33.0, 2000.0),
+        ("ctranslate2", 1, 32, 40.0, 90.0), ("ctranslate2", 1, 1024, 55.0, 3000.0)])
+    hf = {"hf": "transformers BloomForCausalLM dtype=torch.bfloat16"}
+    bf16 = _run_json(tmp_path / "b.json", None, hf, [
+        ("bloom-runtime", 8, 32, 61.0, 500.0), ("bloom-runtime", 8, 1024, 99.0, 9000.0),
+        ("hf", 8, 32, 150.0, 800.0), ("hf", 8, 1024, 280.0, 12000.0)])
+    png = tmp_path / "t.png"
+    result = subprocess.run([sys.executable, "tools/latency_table.py", w8a8, bf16, "--png", str(png)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == ("| scheme | batch | bloom-runtime next-token ms | ctranslate2 next-token ms | "
+                        "hf next-token ms | first token @1024 ms (ours / ctranslate2 / hf) |")
+    assert "| w8a8 | 1 | 30.0 / 33.0 | 40.0 / 55.0 (int8) | - | 2000 / 3000 / - |" in lines
+    assert "| bfloat16 | 8 | 61.0 / 99.0 | - | 150.0 / 280.0 (bfloat16) | 9000 / - / 12000 |" in lines
+    assert png.stat().st_size > 10_000
