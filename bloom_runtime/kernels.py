@@ -73,6 +73,7 @@ def pack_dense(weight: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_dense(packed: torch.Tensor) -> torch.Tensor:
+    """The plain [N, K] weight back from `pack_dense`'s layout (exactly)."""
     return packed.to_dense()
 
 

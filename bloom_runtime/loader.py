@@ -218,8 +218,9 @@ def load(
     torchrun's world size, else 1). `max_seq_len` bounds prompt + new tokens
     (default: the config's seq_length); `seed` seeds random weights and
     calibration; `calib_samples` / `calib_data` choose the calibration text.
-    `pack`: hold bfloat16 linears on CPU in the packed matmul layout (1.4x faster
-    decode; `Bloom.pack_linears`); False keeps plain `weight` parameters to change.
+    `pack`: hold bfloat16 block linears on CPU in the packed matmul layout
+    (`Bloom.pack_linears`: those linears 1.4x faster, a bloom-560m decode step
+    1.2x); False keeps plain `weight` parameters to read or change.
 
     With tp > 1 (or under torchrun) every rank calls this; a rank that fails
     makes all of them raise, before any computes.
