@@ -165,16 +165,16 @@ class Int4Weights:
 
     On CPU it runs aten's `_weight_int4pack_mm_for_cpu` on weights repacked once (two
     values a byte, as q + 8, with (scale, 0) per group) and bfloat16 activations: that
-    kernel is fast only in bfloat16 (bloom-560m's 4096 x 1024, 2 threads: 1 row 3.5 ms,
-    64 rows 15 ms, 512 rows 66 ms against 11-83 ms to dequantize and multiply; in
-    float32 or float16 it takes 62 / 90 ms at 8 rows), so float32 and float16 inputs
-    are rounded to bfloat16 there (the "A16"). It takes groups of 32, 64, 128 or 256,
-    and outputs in multiples of 16 (others are padded with zero rows: the embedded
-    model's vocabulary of 1588). Prefill uses it too: dequantizing the 4096 x 1024
-    weight per call (4.7 ms) and a bfloat16 GEMM beat it only past ~700 rows on a Xeon
-    without AMX (1024 rows 57.6 against 62.5 ms; 256 rows 18.9 against 15.4), too
-    little for a second path; an AMX machine, with a far faster bfloat16 GEMM, would
-    move that crossover down and is where to measure it again.
+    kernel is fast only in bfloat16 (in float32 or float16 it takes 62 / 90 ms at 8 rows
+    of bloom-560m's 4096 x 1024), so float32 and float16 inputs are rounded to bfloat16
+    there (the "A16"). It takes groups of 32, 64, 128 or 256, and outputs in multiples
+    of 16 (others are padded with zero rows: the embedded model's vocabulary of 1588).
+    Prefill uses it too. Against dequantizing the 4096 x 1024 weight per call (4.7 ms)
+    and a bfloat16 GEMM, one weight, 2 threads, a Xeon without AMX: 16 rows 1.0 / 6.1
+    ms, 64 rows 3.9 / 9.0, 256 rows 15.4 / 18.9, 512 rows 31.4 / 32.8, 1024 rows 62.5 /
+    57.6. A crossover near 700 rows, 8% at 1024, is too little for a second path; an
+    AMX machine, with a far faster bfloat16 GEMM, would move it down and is where to
+    measure it again.
     Elsewhere (CUDA's `_weight_int4pack_mm` is not wired: no GPU to test it on) the
     weight is dequantized once, into the activations' dtype, which keeps W4A16's
     numerics but not its memory or speed.

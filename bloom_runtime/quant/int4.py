@@ -49,9 +49,10 @@ def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """q int8 [rows, words * 8] from compressed-tensors' packed int32 words [rows, words]."""
+    """q int8 [rows, words * 8] from compressed-tensors' packed int32 words [rows, words], on their
+    device (the int4 head unpacks the rows it looks up at every step: no host round trip)."""
     rows, words = packed.shape
-    return unpack_from_int32(packed.cpu(), BITS, torch.Size((rows, words * PER_WORD))).to(packed.device)
+    return unpack_from_int32(packed, BITS, torch.Size((rows, words * PER_WORD)))
 
 
 class _Int4Weights:
