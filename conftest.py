@@ -11,6 +11,7 @@ Tests that need what is not there (a GPU, an NPU, a real checkpoint) skip with t
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,17 @@ import torch
 # The suites' helpers (hf_checkpoints, random_batches, spawn_ranks) import by name; appended, so
 # that no installed package is ever shadowed by them.
 sys.path.append(str(Path(__file__).parent / "tests_functional"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Kernel decisions go to a cache of this run's own (subprocesses inherit it), so every run
+    probes this machine afresh and leaves the user's cache alone."""
+    import tempfile
+
+    from bloom_runtime.kernels.selection import CACHE_DIR_ENV
+
+    if not config.option.collectonly:
+        os.environ[CACHE_DIR_ENV] = tempfile.mkdtemp(prefix="bloom-runtime-kernels-")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

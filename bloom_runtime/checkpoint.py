@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from .errors import CheckpointError
 from .files import write_json
+from .kernels.int8 import ALIGNMENT
 from .tensors import FLOAT, INT, SCALE
 
 SAFETENSORS = "model.safetensors"
@@ -184,7 +185,9 @@ def read_state(
             validate_tensor(name, tensor, expected[name], path)
             kind = expected[name].kind
             target = {FLOAT: dtype or tensor.dtype, SCALE: torch.float32, INT: tensor.dtype}[kind]
-            state[name] = tensor.to(device=device, dtype=target)
+            tensor = tensor.to(device=device, dtype=target)
+            # a memory-mapped tensor starts where the file put it; vector kernels may need more
+            state[name] = tensor.clone() if tensor.data_ptr() % ALIGNMENT else tensor
     missing = [name for name in expected if name not in state]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

@@ -117,16 +117,25 @@ def describe(config: BloomConfig) -> list[tuple[str, str]]:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from .kernels import describe as describe_kernels
+    from .loader import kernel_decisions
+
     source = Source.resolve(args.model)
     print(f"model: {source.name}")
     for field, value in describe(source.config):
         print(f"{field:>24}: {value}")
+    decisions = kernel_decisions(args.model, args.dtype, args.quant, args.device)
+    scheme = args.quant or (source.quant_spec.linear if source.quant_spec else "float")
+    print(f"\nkernels on this machine ({args.dtype}, {scheme}, {args.device}; ms per call, "
+          f"by rows; probed once, then cached):")
+    print(describe_kernels(decisions) if decisions else
+          f"    none to choose: {args.dtype} linears run F.linear")
 
 
 def cmd_weights_quant(args: argparse.Namespace) -> None:
     from .weights import checkpoint_bytes, quantize_checkpoint
 
-    default = QuantSpec.from_name(W8A8_ACTIVATIONS[args.activation] if args.scheme == "w8a8" else args.scheme)
+    default = QuantSpec.written(W8A8_ACTIVATIONS[args.activation] if args.scheme == "w8a8" else args.scheme)
     spec = QuantSpec(default.linear, alpha=None if args.no_smooth or default.alpha is None else args.alpha,
                      float_layers=tuple(args.float_layers), head=None if args.float_head else default.head)
     out = quantize_checkpoint(args.input, args.output, spec, calib_samples=args.calib_samples,
@@ -146,7 +155,8 @@ def cmd_weights_cut(args: argparse.Namespace) -> None:
 def _weights_parser(sub) -> None:
     weights = sub.add_parser("weights", help="prepare checkpoints: quantize, cut for tensor parallelism")
     tools = weights.add_subparsers(dest="tool", required=True)
-    quant = tools.add_parser("quant", help="quantize a float checkpoint to INT8 (compressed-tensors)")
+    quant = tools.add_parser("quant", help=f"quantize a float checkpoint ({', '.join(LINEARS)}; "
+                                           "compressed-tensors)")
     quant.add_argument("--input", required=True, help="a float Hugging Face BLOOM directory")
     quant.add_argument("--output", required=True)
     quant.add_argument("--scheme", default="w8a8", choices=["w8a8"] + WEIGHT_ONLY)
@@ -159,7 +169,8 @@ def _weights_parser(sub) -> None:
                        help="blocks kept in float, e.g. 7 as the guide did for bloom-7b1")
     quant.add_argument("--float-head", action="store_true",
                        help="keep the tied embedding/head in float; without it the head is quantized with "
-                            "the scheme (int8 rows for w8a8 and w8a16, int4 groups for w4a16)")
+                            "the scheme where other engines can read that form, else as int8 rows "
+                            "(w4a16 writes an int8 head; quantize-on-load keeps it int4)")
     quant.add_argument("--calib-samples", type=int, default=16, help="128-token calibration windows")
     quant.add_argument("--calib-data", default=None, help="a UTF-8 text file (default: embedded text)")
     quant.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
@@ -305,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read prompts from F, one per line ('-': stdin)")
     gen.set_defaults(func=cmd_generate)
 
-    info = sub.add_parser("info", help="shape, parameter count and size of a model")
-    _model_args(info)
+    info = sub.add_parser("info", help="shape, parameter count and size of a model, and which kernel "
+                                       "serves each of its matmuls on this machine")
+    _runtime_args(info)
     info.set_defaults(func=cmd_info)
 
     _perf_parser(sub)

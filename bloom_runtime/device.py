@@ -3,8 +3,9 @@ per-kind calls the harness needs (synchronize, peak memory).
 
 NPU support comes from `torch_npu`, imported only when an npu device is asked
 for; it registers `torch.npu` and the "npu" device type with PyTorch. Two other
-modules branch on the kind, each for its own concern: kernels.py (which kernel a
-device has) and parallel.py (the collective backend per kind).
+modules branch on the kind, each for its own concern: kernels/ (each candidate
+kernel says which kinds it runs on; the probe checks it there) and parallel.py
+(the collective backend per kind).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from .device import resolve
 from .embedded import TINY_DIR
 from .engine import Engine
 from .errors import CheckpointError, InputError
+from .kernels import Decision, KernelOwner, selector
 from .layout import Layout
 from .model import Bloom
 from .quant import QuantSpec, from_quantization_config, quantize_model, quantized_skeleton
@@ -121,6 +122,23 @@ def expected_tensors(model: Bloom) -> dict[str, checkpoint.Expected]:
     rules = declarations(model)
     return {name: checkpoint.Expected(tuple(p.shape), rules[name][0].kind, p.dtype)
             for name, p in model.named_parameters()}
+
+
+def kernel_decisions(model: str | os.PathLike, dtype: str | torch.dtype = "float32",
+                     quant: str | None = None, device: str | torch.device = "cpu") -> list[Decision]:
+    """Which kernel serves each matmul problem of `model` (its shapes only: no weights are read)
+    with these settings on this machine, and why: what `load` would build."""
+    source = Source.resolve(model)
+    torch_dtype, where = parse_dtype(dtype), resolve(device)
+    spec = QuantSpec.from_name(quant) if quant else source.quant_spec
+    held = skeleton(source.config, spec, dtype=torch_dtype).to(torch_dtype)
+    decisions = {}
+    for owner in held.modules():
+        problem = owner.kernel_problem(torch_dtype) if isinstance(owner, KernelOwner) else None
+        if problem is not None:
+            problem = dataclasses.replace(problem, device=where.type)
+            decisions.setdefault(problem.key(), selector().decide(problem))
+    return list(decisions.values())
 
 
 def parameter_count(config: BloomConfig) -> int:
@@ -218,9 +236,10 @@ def load(
     torchrun's world size, else 1). `max_seq_len` bounds prompt + new tokens
     (default: the config's seq_length); `seed` seeds random weights and
     calibration; `calib_samples` / `calib_data` choose the calibration text.
-    `pack`: hold bfloat16 block linears on CPU in the packed matmul layout
-    (`Bloom.pack_linears`: those linears 1.4x faster, a bloom-560m decode step
-    1.2x); False keeps plain `weight` parameters to read or change.
+    `pack`: build every matmul's kernel now, as this machine's probe chose it
+    (`Bloom.prepare_kernels`; a packed layout takes its weight over); False keeps
+    plain `weight` parameters to read or change (quantized modules still choose
+    their kernel on first use).
 
     With tp > 1 (or under torchrun) every rank calls this; a rank that fails
     makes all of them raise, before any computes.
@@ -238,7 +257,7 @@ def load(
         calibration = Calibration(calib_samples, calib_data, seed)
         built = build_model(source, torch_dtype, torch_device, spec, shard, seed, calibration)
         if pack:
-            built.pack_linears()
+            built.prepare_kernels(torch_dtype)
         engine = Engine(built, source.tokenizer(), max_seq_len, shard)
     except Exception as err:  # reported to every rank, then re-raised
         error = err

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .config import BloomConfig
+from .kernels import Decision, KernelOwner, Problem
 from .kv_cache import KVCache
 from .tensors import FLOAT, IN, OUT, VOCAB, Stored
 
@@ -67,41 +67,40 @@ def attention_bias(
     return bias[None].masked_fill(~allowed, torch.finfo(dtype).min).to(dtype)
 
 
-class Linear(nn.Linear):
+class Linear(KernelOwner, nn.Linear):
     """A float linear that knows how tensor parallelism splits it: "column" (each rank
     computes some outputs) or "row" (each rank takes some inputs; partial sums are
     all-reduced). Quantized replacements keep `split`.
 
-    `pack` moves the weight into the CPU matmul's own layout (kernels.pack_dense) for
-    inference. The weight is then held once, packed: the `weight` parameter is gone
-    (reading it fails loudly), `state_dict` still gives it back plain, and `unpack`
-    restores it.
+    In bfloat16 or float16 it is a "dense16" problem: once prepared (at load), the
+    kernel chosen on this machine serves it; a packed kernel takes the weight over
+    (reading `weight` then fails loudly, `state_dict` still gives it back plain,
+    `release_kernels` restores it). Unprepared, and in float32, it is `F.linear`.
     """
 
     STORED = {"weight": Stored(FLOAT, (OUT, IN)), "bias": Stored(FLOAT, (OUT,), summed=True)}
-    packed: torch.Tensor | None = None
 
     def __init__(self, in_features: int, out_features: int, split: str) -> None:
         super().__init__(in_features, out_features)
         self.split = split
 
-    def pack(self) -> None:
-        self.packed = kernels.pack_dense(self.weight.detach())
-        del self.weight
-
-    def unpack(self) -> None:
-        self.weight = nn.Parameter(kernels.unpack_dense(self.packed), requires_grad=False)
-        self.packed = None
+    def kernel_problem(self, dtype: torch.dtype) -> Problem | None:
+        return dense_problem(self.weight, copies=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return kernels.packed_linear(x, self.packed, self.bias)
-        return super().forward(x)
+        if self.decision is None:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        return self.run_kernel(x.dtype, flat).view(*x.shape[:-1], -1)
 
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.packed is not None:
-            destination[prefix + "weight"] = kernels.unpack_dense(self.packed)
+
+def dense_problem(weight: torch.Tensor, copies: bool) -> Problem | None:
+    """A 16-bit float weight [N, K] as a "dense16" problem; float32 needs no kernel choice."""
+    if weight.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    rows, width = weight.shape
+    return Problem("dense16", weight.device.type, str(weight.dtype).removeprefix("torch."), rows, width,
+                   copies=copies)
 
 
 class Attention(nn.Module):
@@ -169,13 +168,16 @@ class Block(nn.Module):
                 (self.post_attention_layernorm, self.mlp.dense_h_to_4h)]
 
 
-class TiedEmbedding(nn.Module):
+class TiedEmbedding(KernelOwner):
     """The token embedding, which BLOOM also uses as its output projection (`logits`).
 
-    Tensor parallelism splits it by vocabulary rows; quantized heads subclass it.
+    Tensor parallelism splits it by vocabulary rows; quantized heads subclass it. Its
+    rows serve lookups, so no kernel takes them over, and a float head holds no second
+    layout of them (on bloom-7b1 that would be 2 GB in bfloat16).
     """
 
     STORED = {"weight": Stored(FLOAT, (VOCAB, None))}
+    KEEPS = ("weight",)
     split = "vocab"
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
@@ -185,8 +187,19 @@ class TiedEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weight)
 
+    def kernel_problem(self, dtype: torch.dtype) -> Problem | None:
+        return dense_problem(self.weight, copies=False)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        if self.decision is None:
+            return F.linear(x, self.weight)
+        flat = x.reshape(-1, x.shape[-1])
+        return self.run_kernel(x.dtype, flat).view(*x.shape[:-1], -1)
+
+    @property
+    def bias(self) -> None:
+        """The head has no bias (what the dense16 kernels read beside `weight`)."""
+        return None
 
 
 class Bloom(nn.Module):
@@ -208,12 +221,13 @@ class Bloom(nn.Module):
         """Make the non-parameter state on `device`, once the parameters are in place."""
         self.slopes = alibi_slopes(self.config.n_head)[self.heads.start : self.heads.stop].to(device)
 
-    def pack_linears(self) -> None:
-        """Pack every float block linear whose weight the packed CPU matmul serves (see
-        kernels.pack_dense): for inference, after quantization and sharding."""
-        for module in self.modules():
-            if isinstance(module, Linear) and module.packed is None and kernels.can_pack_dense(module.weight):
-                module.pack()
+    def prepare_kernels(self, dtype: torch.dtype) -> list[Decision]:
+        """Build, once, the kernel this machine's probe chose for every module a kernel role serves
+        (for inference: after quantization and sharding). Returns the decisions."""
+        owners = [m for m in self.modules() if isinstance(m, KernelOwner)]
+        for owner in owners:
+            owner.prepare_kernels(dtype)
+        return [owner.decision for owner in owners if owner.decision is not None]
 
     def block_linears(self) -> list[dict[str, nn.Module]]:
         """Per block, its linears by qualified name (`h.0.self_attention.dense`, ...)."""

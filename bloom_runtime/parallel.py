@@ -33,6 +33,7 @@ from torch import nn
 from .config import BloomConfig
 from .errors import DistributedError
 from .model import Bloom
+from .quant.base import Scheme
 from .tensors import IN, OUT, SCALE, Stored, declarations, stored
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
@@ -131,7 +132,7 @@ def shard_skeleton(model: Bloom, shard: Shard) -> None:
         return
     for module in model.modules():
         split = getattr(module, "split", None)
-        if hasattr(module, "check_split"):  # schemes with their own rules (int4 groups)
+        if isinstance(module, Scheme):  # schemes with their own rules (int4 groups)
             module.check_split(shard.world)
         for leaf, param in list(module.named_parameters(recurse=False)):
             part = shard_tensor(param.detach(), stored(module, leaf), split, shard)
@@ -182,7 +183,7 @@ def attach_collectives(model: Bloom) -> None:
         if getattr(module, "split", None) != "row":
             continue
         module.register_forward_hook(_all_reduce_output)
-        if (getattr(module, "ACTIVATIONS", None) or {}).get("strategy") == "token":
+        if isinstance(module, Scheme) and (module.ACTIVATIONS or {}).get("strategy") == "token":
             module.reduce_absmax = _all_reduce_max
 
 

@@ -244,3 +244,21 @@ def test_ceval_drops_shots_to_fit_the_context():
         q = next(q for q in exam.questions["law"] if q.id == p.id)
         longer = ceval_prompt(exam.subjects["law"], exam.dev["law"][: p.shots + 1], q)
         assert len(engine.tokenizer.encode(longer)) > 150
+
+
+@pytest.mark.parametrize("shots", [5, 2])
+def test_few_shot_examples_are_the_first_dev_rows_in_file_order(tmp_path, shots):
+    """The official prompt takes the dev file's first k rows, in file order. Guards the selection,
+    not only the formatter: reversed, sorted by id or shuffled shots were once built into a prompt
+    that the formatter test alone could not see."""
+    from bloom_runtime.ceval.evaluation import _prompts
+
+    dev = [[str(9 - i), f"例题{i}？", "a", "b", "c", "d", "ABCD"[i % 4], ""] for i in range(5)]  # ids descend
+    root = write_exam(tmp_path, {"dev": dev, "val": [["0", "1+1=？", "1", "2", "3", "4", "B", ""]]})
+    exam = load_exam(root, "val")
+    (item,), unfit = _prompts(br.load(), exam, "ceval", shots, {})
+    assert not unfit and item.shots == shots
+    in_order = load_split(root, "computer_network", "dev")[:shots]
+    assert [q.question for q in in_order] == [f"例题{i}？" for i in range(shots)]
+    assert item.prompt == ceval_prompt(exam.subjects["computer_network"], in_order, exam.questions[
+        "computer_network"][0])

@@ -14,8 +14,6 @@ left is how each side reads the stored weights and scales.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import transformers
@@ -23,9 +21,8 @@ from hf_checkpoints import hf_model, save
 from random_batches import left_padded_batch
 
 import bloom_runtime as br
-from bloom_runtime import kernels
 from bloom_runtime.agreement import kl_divergence, relative_error, top1_agreement
-from bloom_runtime.quant import QuantSpec, int4, int8
+from bloom_runtime.quant import QuantSpec, int8
 from bloom_runtime.weights import quantize_checkpoint
 
 pytest.importorskip("compressed_tensors", reason="compressed-tensors is in the test extra")
@@ -45,6 +42,7 @@ SPECS = {  # name: (recipe, bounds)
     "static-with-w8a16-head": (QuantSpec("w8a8-static", head="w8a16"), STATIC),
     "w4a16-float-head": (QuantSpec("w4a16", None), EXACT),  # transformers runs no int4 Embedding
     "w4a16-g32-float-head": (QuantSpec("w4a16-g32", None), EXACT),
+    "w4a16-written-default": (QuantSpec.written("w4a16"), EXACT),  # `weights quant --scheme w4a16`
 }
 
 
@@ -65,8 +63,9 @@ def test_transformers_loads_our_checkpoint_and_agrees(checkpoint, tmp_path, monk
     out = quantize_checkpoint(checkpoint, tmp_path / name, spec)
     if (max_error, min_top1, max_kl) == DYNAMIC:
         monkeypatch.setattr(int8, "quantize_per_token", _their_row_scaling)
-    if spec.linear.startswith("w4a16"):  # in float32, as transformers: the kernel's bfloat16 is tested apart
-        monkeypatch.setattr(int4, "Int4Weights", functools.partial(kernels.Int4Weights, int4pack=False))
+    # weight-only kernels in float32, as transformers computes (int8pack and int4pack round the
+    # activations to bfloat16: tested against their own math in test_kernels / test_int4)
+    monkeypatch.setenv("BLOOM_RUNTIME_KERNELS", "w4a16=dequantize,w8a16=dequantize")
     ids, mask = left_padded_batch(FIELDS["vocab_size"], [48, 30, 9], seed=3)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():

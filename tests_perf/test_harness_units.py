@@ -15,7 +15,6 @@ from bloom_runtime.bench.derived import ratios
 from bloom_runtime.bench.metrics import guide_columns, summarize
 from bloom_runtime.bench.runners import OursRunner
 from bloom_runtime.config import BloomConfig
-from bloom_runtime.kernels import weight_only_kernel
 from bloom_runtime.loader import skeleton
 from bloom_runtime.parallel import SINGLE, Shard
 
@@ -96,15 +95,3 @@ def test_ratios_read_below_one_as_faster_for_latency_and_above_for_throughput():
     peer = {"median_ttft_ms": 100.0, "median_tpot_ms": 20.0, "output_throughput": 100.0}
     assert ratios(ours, peer, "x") == {"ratio_ttft_vs_x": 0.5, "ratio_tpot_vs_x": 0.5,
                                        "ratio_throughput_vs_x": 3.0}
-
-
-@pytest.mark.parametrize("rows, width, act_dtype, kernel", [
-    (1, 1024, torch.bfloat16, "int8pack"),  # decode: aten's int8 matrix-vector kernel
-    (32, 1024, torch.float16, "int8pack"),
-    (33, 1024, torch.bfloat16, "dequantize"),  # past the measured crossover: dequantize + GEMM
-    (1, 72, torch.bfloat16, "dequantize"),  # the bfloat16 width guard (torch 2.13 segfaults)
-    (1, 72, torch.float16, "int8pack"),
-])  # fmt: skip
-def test_weight_only_kernel_by_shape(rows, width, act_dtype, kernel):
-    assert weight_only_kernel(torch.empty(rows, width, dtype=act_dtype)) == kernel
-    assert weight_only_kernel(torch.empty(rows, width, dtype=act_dtype, device="meta")) == "dequantize"

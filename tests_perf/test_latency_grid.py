@@ -108,7 +108,33 @@ def test_low_bit_schemes_on_bloom_560m_with_peers(tmp_path, peers, quant):
     csv = check_exports(opts, rows, meta, ("bloom-runtime", *peers))
     check_consistency(csv)
     check_ratios(csv, peers)
-    assert meta["peers"]["llamacpp"].endswith(("Q8_0" if quant == "w8a8" else "Q4_0") + ", batch 1 only")
+    kind = "Q8_0" if quant == "w8a8" else "Q4_0"
+    assert f"{kind}, batch 1 only; built for: " in meta["peers"]["llamacpp"]
+    assert not any("FAILED" in described for described in meta["peers"].values()), meta["peers"]
+
+
+CRASHING_PEER = r"""
+import json, os, signal, sys
+spec = json.loads(sys.stdin.read())
+print(json.dumps({"describe": "a peer built for another CPU"}), flush=True)
+os.kill(os.getpid(), signal.SIGILL)
+"""
+
+
+def test_a_peer_that_crashes_is_a_reported_failure_not_a_dead_run(tmp_path, monkeypatch):
+    """Guards the SIGILL that killed pytest on an AVX2 EPYC (llama.cpp built for AVX-512): the
+    peer's process dies, ours and the report live on, and the metadata says what happened."""
+    import sys
+
+    from bloom_runtime.bench import isolated
+
+    monkeypatch.setattr(isolated, "CHILD", [sys.executable, "-c", CRASHING_PEER])
+    grid = cases.from_pairs([1], [8], [4])
+    opts, rows, meta = run(tmp_path, "crash", cases=grid, compare=("llamacpp",), warmup=0, repeat=1)
+    assert [row["engine"] for row in rows] == ["bloom-runtime"]
+    assert meta["peers"]["llamacpp"] == "a peer built for another CPU: FAILED, crashed with SIGILL " \
+        "(an instruction this CPU lacks: rebuild it here)"
+    assert json.loads((tmp_path / "crash.json").read_text())["peers"] == meta["peers"]
 
 
 def test_each_case_is_written_when_it_finishes(tmp_path, monkeypatch):

@@ -1,15 +1,15 @@
 """The latency harness behind `bloom-runtime perf` and `pytest -m perf`.
 
-For every engine (ours, then the peers asked for, each loaded when its turn
-comes) and every case (batch, seq_in, seq_out), the same random prompt ids are
-generated from, `warmup` runs are thrown away and `repeat` runs are timed.
-Results are exported after every case, so an interrupted run keeps what it measured.
+For every engine (ours in this process, then each peer asked for in a process of
+its own, see isolated.py) and every case (batch, seq_in, seq_out), the same random
+prompt ids are generated from, `warmup` runs are thrown away and `repeat` runs are
+timed. Results are exported after every case, so an interrupted run keeps what it
+measured; a peer that fails is reported under "peers" in the metadata with why.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import platform
 from pathlib import Path
@@ -24,8 +24,9 @@ from ..parallel import world_from_env
 from . import export, roofline
 from .cases import Case
 from .derived import add_derived
+from .isolated import run_peer
 from .metrics import guide_columns, summarize
-from .peers import DEFAULT_CACHE, PEERS, make_peer, shared_checkpoint
+from .peers import DEFAULT_CACHE, PEERS, shared_checkpoint
 from .runners import OursRunner
 
 
@@ -62,34 +63,36 @@ def run(opts: PerfOptions, progress: bool = True) -> tuple[list[dict], dict, boo
     longest = max(c.seq_in + c.seq_out for c in opts.cases)
     engine = load(model, dtype=opts.dtype, device=opts.device, quant=opts.quant, seed=opts.seed,
                   max_seq_len=longest)
-    peers = [functools.partial(make_peer, name, Path(model), opts.dtype, opts.quant, opts.device, opts.cache,
-                               threads, longest) for name in opts.compare]  # fmt: skip
     limits = roofline.limits(engine.model, engine.device, opts.quant, engine.dtype)
     writes = opts.output is not None and engine.shard.is_main
-    meta = _metadata(opts, engine, threads, limits)
-    meta["peers"] = {}
+    meta = {**_metadata(opts, engine, threads, limits), "peers": {}}
     rows: list[dict] = []
-    bar = tqdm(total=len(opts.cases) * (1 + len(peers)), desc="perf", unit="run", disable=not progress)
-    # Engine by engine, ours first, each peer loaded only when its turn comes: once CTranslate2
-    # had run in a process, our decode steps after it were up to 1.4x slower (bloom-560m W8A8,
-    # 256 tokens: 59 ms against 42 ms alone).
-    for make in [functools.partial(OursRunner, engine), *peers]:
-        runner = make()
-        if runner.name != OursRunner.name:
-            meta["peers"][runner.name] = getattr(runner, "describe", runner.name)
-        for case in opts.cases:
-            if case.batch > getattr(runner, "max_batch", case.batch):  # said in the metadata's "peers"
-                bar.update()
-                continue
-            ids = torch.randint(4, engine.config.vocab_size, (case.batch, case.seq_in),
-                                generator=torch.Generator().manual_seed(opts.seed))  # fmt: skip
-            bar.set_postfix_str(f"{runner.name} {case.key}")
-            rows.append(_measure(runner, case, ids, opts, engine.device))
-            bar.update()
+    bar = tqdm(total=len(opts.cases) * (1 + len(opts.compare)), desc="perf", unit="run", disable=not progress)
+
+    def record(row: dict | None) -> None:
+        if row is not None:
+            rows.append(row)
             add_derived(rows, engine, limits)
             if writes:
                 _export(rows, meta, opts.output)
-        del runner  # a peer's model leaves memory before the next one loads
+        bar.update()
+
+    runner = OursRunner(engine)
+    for case in opts.cases:
+        bar.set_postfix_str(f"{runner.name} {case.key}")
+        record(measure(runner, case, prompt_ids(case, engine.config.vocab_size, opts.seed), opts.warmup,
+                       opts.repeat, engine.device))
+    for name in opts.compare:
+        bar.set_postfix_str(name)
+        spec = {"name": name, "directory": model, "dtype": opts.dtype, "quant": opts.quant,
+                "device": opts.device, "cache": str(opts.cache), "threads": threads, "longest": longest,
+                "cases": [dataclasses.asdict(c) for c in opts.cases], "vocab_size": engine.config.vocab_size,
+                "seed": opts.seed, "warmup": opts.warmup, "repeat": opts.repeat}  # fmt: skip
+        done = bar.n
+        result = run_peer(spec, record)
+        failed = "" if result.error is None else f": FAILED, {result.error}"
+        meta["peers"][name] = result.describe + failed
+        bar.update(len(opts.cases) - (bar.n - done))  # the cases a failed peer never reached
     bar.close()
     meta["grid_average"] = grid_average(rows)
     if writes:
@@ -97,11 +100,19 @@ def run(opts: PerfOptions, progress: bool = True) -> tuple[list[dict], dict, boo
     return rows, meta, engine.shard.is_main
 
 
-def _measure(runner, case: Case, ids: torch.Tensor, opts: PerfOptions, device: torch.device) -> dict:
-    for _ in range(opts.warmup):
+def prompt_ids(case: Case, vocab_size: int, seed: int) -> torch.Tensor:
+    """The case's prompt: the same seeded random ids for every engine (ids below 4 are BLOOM's
+    special tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab_size, (case.batch, case.seq_in), generator=generator)
+
+
+def measure(runner, case: Case, ids: torch.Tensor, warmup: int, repeat: int, device: torch.device) -> dict:
+    """One case on one engine: `warmup` runs thrown away, `repeat` timed, and peak memory."""
+    for _ in range(warmup):
         runner.arrivals(ids, case.seq_out)
     devices.reset_peak_memory(device)
-    runs = [runner.arrivals(ids, case.seq_out) for _ in range(opts.repeat)]
+    runs = [runner.arrivals(ids, case.seq_out) for _ in range(repeat)]
     if any(len(r) != case.seq_out for r in runs):
         raise RuntimeError(f"{runner.name} produced {[len(r) for r in runs]} tokens, expected {case.seq_out}")
     figures = summarize(runs, case.batch)

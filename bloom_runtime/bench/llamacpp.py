@@ -34,7 +34,9 @@ FILE_TYPES = {"int8": "MOSTLY_Q8_0", "int4": "MOSTLY_Q4_0", "bfloat16": "MOSTLY_
 def file_type(dtype: str, quant: str | None) -> str:
     """The llama.cpp type for our run: int4 schemes -> Q4_0, int8 -> Q8_0, else the dtype's."""
     if quant:
-        return FILE_TYPES["int4" if quant.startswith("w4") else "int8"]
+        from ..quant import LINEARS
+
+        return FILE_TYPES[f"int{LINEARS[quant].WEIGHTS['num_bits']}"]
     return FILE_TYPES[dtype]
 
 
@@ -51,7 +53,9 @@ class LlamaCppRunner:
                 from None
         ftype = file_type(dtype, quant)
         kind = ftype.split("_", 1)[1]  # Q8_0, Q4_0, BF16, F16, F32
-        self.describe = f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) {kind}, batch 1 only"
+        built_for = llama_cpp.llama_print_system_info().decode().strip()  # the CPU features it uses
+        self.describe = f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) {kind}, batch 1 only; " \
+            f"built for: {built_for}"
         base, path = cache / "gguf-F32" / GGUF, cache / f"gguf-{kind}" / GGUF
         if not base.is_file():
             write_gguf(directory, base.parent)

@@ -58,7 +58,7 @@ def make_peer(name: str, directory: Path, dtype: str, quant: str | None, device:
         from .llamacpp import LlamaCppRunner
 
         return LlamaCppRunner(directory, cache / fingerprint(directory), dtype, quant, threads, max_tokens)
-    compute = "int8" if quant else str(parse_dtype(dtype)).removeprefix("torch.")
+    compute = "int8" if quant else str(parse_dtype(dtype)).removeprefix("torch.")  # its only low-bit type
     return CTranslate2Runner(directory, cache / fingerprint(directory), compute, threads, torch_device)
 
 

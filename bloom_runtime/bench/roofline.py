@@ -62,10 +62,9 @@ def limits(model: Bloom, device: torch.device, quant: str | None, dtype: torch.d
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes one decode step reads: every parameter once (the tied head reads the embedding),
-    and the weights packed out of the parameters (model.Linear.pack)."""
-    packed = [m.packed for m in model.modules() if getattr(m, "packed", None) is not None]
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *packed])
+    """Bytes the model holds: every parameter once (the tied head reads the embedding), and the
+    kernels' buffers (layouts that replaced a parameter, or sit beside a quantized head's)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def kv_bytes(model: Bloom, batch: int, length: int) -> int:

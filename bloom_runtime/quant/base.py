@@ -15,11 +15,14 @@ import torch
 from torch import nn
 
 from ..calibration import ActivationStats
+from ..kernels import KernelOwner
 from ..tensors import Stored
 
 
-class QuantizedLinear(nn.Module):
-    """Base of a scheme's replacement for a block's float `Linear`."""
+class Scheme:
+    """What every quantized module declares, linears and tied heads alike: its name, how a
+    checkpoint stores it, its compressed-tensors description, and the check tensor
+    parallelism calls before cutting it."""
 
     scheme: ClassVar[str]  # the name users pass: --quant / weights quant --scheme
     STORED: ClassVar[dict[str, Stored]]
@@ -27,6 +30,16 @@ class QuantizedLinear(nn.Module):
     WEIGHTS: ClassVar[dict[str, Any]]  # compressed-tensors' QuantizationArgs of the weights
     ACTIVATIONS: ClassVar[dict[str, Any] | None] = None  # ... of the inputs; None: left in float
     calibrated: ClassVar[bool] = False  # made with activation statistics (static scales)
+    READ_ELSEWHERE: ClassVar[bool] = True  # transformers + compressed-tensors can run it from a checkpoint
+    reduce_absmax = None  # set by parallel.py where per-token scales must span all ranks
+
+    def check_split(self, world: int) -> None:
+        """Raise DistributedError if tensor parallelism over `world` ranks cannot cut this module."""
+
+
+class QuantizedLinear(Scheme, KernelOwner):
+    """Base of a scheme's replacement for a block's float `Linear`."""
+
     split: str | None = None  # copied from the float linear: how tensor parallelism cuts it
 
     @classmethod

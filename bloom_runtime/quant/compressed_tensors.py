@@ -25,6 +25,8 @@ from torch import nn
 
 from ..checkpoint import PREFIX
 from ..errors import ConfigError
+from . import int4
+from .int8 import Int8TiedEmbedding
 from .schemes import HEADS, LINEARS
 from .spec import QuantSpec
 
@@ -58,9 +60,9 @@ def extra_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     weight's unpacked shape."""
     extra = {}
     for name, module in model.named_modules():
-        if isinstance(module, tuple(HEADS.values())) and hasattr(module, "weight"):
+        if isinstance(module, Int8TiedEmbedding):
             extra[f"{HEAD_NAME}.weight_scale"] = module.weight_scale.detach().clone()
-        if hasattr(module, "weight_packed"):
+        if isinstance(module, int4.Int4Weights):
             module.check_storable(name)
             extra[f"{PREFIX}{name}.weight_shape"] = torch.tensor([module.weight_packed.shape[0],
                                                                   module.in_features])

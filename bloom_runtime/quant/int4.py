@@ -23,10 +23,10 @@ from torch import nn
 
 from ..calibration import ActivationStats
 from ..errors import DistributedError, InputError
-from ..kernels import Int4Weights
+from ..kernels import Problem
 from ..model import Linear, TiedEmbedding
 from ..tensors import IN, INT, OUT, SCALE, VOCAB, Stored
-from .base import QuantizedLinear, frozen
+from .base import QuantizedLinear, Scheme, frozen
 
 BITS = 4
 PER_WORD = 32 // BITS  # int4 values in one int32
@@ -55,10 +55,9 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return unpack_from_int32(packed, BITS, torch.Size((rows, words * PER_WORD)))
 
 
-class _Int4Weights:
-    """What the int4 linear and the int4 head share: packed words, group scales, and the
-    kernel built from them on first use (checkpoints assign the tensors after construction),
-    and their compressed-tensors description."""
+class Int4Weights(Scheme):
+    """What the int4 linear and the int4 head share: packed words and group scales, the
+    "w4a16" kernel role they pose, and their compressed-tensors description."""
 
     GROUP = 128
     FORMAT = "pack-quantized"
@@ -66,14 +65,22 @@ class _Int4Weights:
     in_features: int
     weight_packed: nn.Parameter
     weight_scale: nn.Parameter
-    _kernel: Int4Weights | None = None
+
+    def int4_values(self) -> torch.Tensor:
+        """q int8 [N, K'] in [-8, 7], K' the padded width (what the kernels are built from)."""
+        return unpack(self.weight_packed)
+
+    def kernel_problem(self, dtype: torch.dtype) -> Problem:
+        rows, words = self.weight_packed.shape
+        return Problem("w4a16", self.weight_packed.device.type, str(dtype).removeprefix("torch."), rows,
+                       words * PER_WORD, group=self.GROUP)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] @ w^T in x's dtype; x narrower than the packed width is padded with zeros."""
-        if self._kernel is None:
-            self._kernel = Int4Weights(unpack(self.weight_packed), self.weight_scale, self.GROUP)
         width = self.weight_packed.shape[1] * PER_WORD
-        return self._kernel(F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x)
+        flat = x.reshape(-1, x.shape[-1])
+        flat = F.pad(flat, (0, width - flat.shape[-1])) if flat.shape[-1] < width else flat
+        return self.run_kernel(x.dtype, flat).view(*x.shape[:-1], -1)
 
     def check_storable(self, name: str) -> None:
         """compressed-tensors stores whole groups only."""
@@ -82,7 +89,7 @@ class _Int4Weights:
                              f"{self.GROUP}; compressed-tensors cannot store it (quantize on load instead)")
 
 
-class Int4WeightOnlyLinear(_Int4Weights, QuantizedLinear):
+class Int4WeightOnlyLinear(Int4Weights, QuantizedLinear):
     """W4A16 with groups of 128 inputs (`w4a16-g64`, `w4a16-g32`: smaller groups, more
     scales, closer to float)."""
 
@@ -121,7 +128,7 @@ class Int4WeightOnlyLinear(_Int4Weights, QuantizedLinear):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-class Int4TiedEmbedding(_Int4Weights, TiedEmbedding):
+class Int4TiedEmbedding(Int4Weights, TiedEmbedding):
     """The tied embedding/head in int4 groups: on bloom-560m the head is 250880 x 1024, more
     weights than all 24 blocks, so W4A16 without it would still read an 8-bit or 16-bit
     head every step. Lookups unpack and scale just the rows they take."""
@@ -129,10 +136,11 @@ class Int4TiedEmbedding(_Int4Weights, TiedEmbedding):
     scheme = "w4a16"
     STORED = {"weight_packed": Stored(INT, (VOCAB, None)), "weight_scale": Stored(SCALE, (VOCAB, None))}
     ACTIVATIONS: dict | None = None
+    READ_ELSEWHERE = False  # transformers 5.24 runs no packed Embedding (it has no `weight`)
 
     def __init__(self, weight_packed: torch.Tensor, weight_scale: torch.Tensor, in_features: int,
                  compute_dtype: torch.dtype) -> None:
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not TiedEmbedding's: it would allocate a float table
         self.weight_packed = frozen(weight_packed)
         self.weight_scale = frozen(weight_scale.float())
         self.in_features, self.compute_dtype = in_features, compute_dtype

@@ -2,8 +2,9 @@
 per-tensor static asymmetric activations (the Ascend modelslim recipe).
 
 Weights are int8, symmetric, one scale per output channel. W8A8 multiplies int8
-by int8 with exact integer sums (`kernels.Int8Gemm`, oneDNN on CPU) and rescales
-once: no float matmul on dequantized weights.
+by int8 with exact integer sums (the "w8a8" kernel role: whichever candidate is
+exact and fastest on this machine) and rescales once: no float matmul on
+dequantized weights.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import torch
 from torch import nn
 
 from ..calibration import ActivationStats
-from ..kernels import Int8Gemm, weight_only_matmul
+from ..kernels import KernelOwner, Problem
 from ..model import Linear, TiedEmbedding
 from ..tensors import IN, INT, OUT, SCALE, VOCAB, Stored
-from .base import QuantizedLinear, frozen
+from .base import QuantizedLinear, Scheme, frozen
 
 CHANNEL_INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
 
@@ -37,10 +38,22 @@ def quantize_per_token(flat: torch.Tensor, reduce_absmax=None) -> tuple[torch.Te
     return torch.round(flat / scale).clamp(-128, 127).to(torch.int8), scale
 
 
-def _w8a8(x: torch.Tensor, quantize, gemm: Int8Gemm) -> torch.Tensor:
-    """x [..., K] quantized by `quantize` (float32 rows -> int8, scale), through `gemm`, in x's dtype."""
+def int8_problem(role: str, weight: torch.Tensor, dtype: torch.dtype) -> Problem:
+    """An int8 weight [N, K] with activations of `dtype` as a "w8a16" or "w8a8" problem."""
+    rows, width = weight.shape
+    return Problem(role, weight.device.type, str(dtype).removeprefix("torch."), rows, width)
+
+
+def weight_only(owner: KernelOwner, x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (int8 weight * scale)^T on the owner's "w8a16" kernel, in x's dtype."""
+    return owner.run_kernel(x.dtype, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+
+
+def w8a8(owner: KernelOwner, x: torch.Tensor, quantize) -> torch.Tensor:
+    """x [..., K] quantized by `quantize` (float32 rows -> int8, scale), through the owner's
+    "w8a8" kernel, in x's dtype."""
     q, scale = quantize(x.reshape(-1, x.shape[-1]).float())
-    return gemm(q, scale, x.dtype).view(*x.shape[:-1], -1)
+    return owner.run_kernel(x.dtype, q, scale, x.dtype).view(*x.shape[:-1], -1)
 
 
 class _Int8Weights(QuantizedLinear):
@@ -71,18 +84,20 @@ class _Int8Weights(QuantizedLinear):
     def from_float(cls, linear: nn.Module, stats: ActivationStats | None) -> QuantizedLinear:
         return cls(*quantize_weight(linear.weight), linear.bias, split=linear.split)
 
-    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
-        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class Int8WeightOnlyLinear(_Int8Weights):
-    """W8A16: y = x (q * scale)^T + b with the weight kept in int8 (`kernels.weight_only_matmul`)."""
+    """W8A16: y = x (q * scale)^T + b with the weight kept in int8 (the "w8a16" kernel role)."""
 
     scheme = "w8a16"
     FORMAT = "int-quantized"  # int8 `weight` + `weight_scale`, as compressed-tensors reads weight-only int8
 
+    def kernel_problem(self, dtype: torch.dtype) -> Problem:
+        return int8_problem("w8a16", self.weight, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_bias(weight_only_matmul(x, self.weight, self.weight_scale))
+        y = weight_only(self, x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class Int8Linear(_Int8Weights):
@@ -96,18 +111,19 @@ class Int8Linear(_Int8Weights):
     scheme = "w8a8"
     FORMAT = "int-quantized"
     ACTIVATIONS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
-    reduce_absmax = None
-    _gemm: Int8Gemm | None = None
+
+    def kernel_problem(self, dtype: torch.dtype) -> Problem:
+        return int8_problem("w8a8", self.weight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._gemm is None:  # on first use: checkpoints assign the weight after construction
-            self._gemm = Int8Gemm(self.weight, self.weight_scale, self._zero_point(), self.bias)
-        return _w8a8(x, self._quantize_input, self._gemm)
+        return w8a8(self, x, self._quantize_input)
 
     def _quantize_input(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_per_token(flat, self.reduce_absmax)
 
-    def _zero_point(self) -> int:
+    @property
+    def zero_point(self) -> int:
+        """The activations' integer zero point, which the kernel subtracts (0: symmetric)."""
         return 0
 
 
@@ -157,11 +173,12 @@ class Int8StaticAsymLinear(Int8StaticLinear):
         q = torch.round(flat / self.input_scale) + self.input_zero_point.float()
         return q.clamp(-128, 127).to(torch.int8), self.input_scale
 
-    def _zero_point(self) -> int:
+    @property
+    def zero_point(self) -> int:
         return int(self.input_zero_point)
 
 
-class Int8TiedEmbedding(TiedEmbedding):
+class Int8TiedEmbedding(Scheme, TiedEmbedding):
     """The tied embedding/head in weight-only int8, one scale per vocabulary row.
 
     The head is the largest matrix a decode step reads, so int8 halves (bf16) or
@@ -175,7 +192,7 @@ class Int8TiedEmbedding(TiedEmbedding):
     ACTIVATIONS: dict | None = None  # of the head; lookups never quantize their input
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, compute_dtype: torch.dtype) -> None:
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not TiedEmbedding's: it would allocate a float table
         self.weight = frozen(weight)
         self.weight_scale = frozen(weight_scale)
         self.compute_dtype = compute_dtype  # what looked-up rows dequantize to
@@ -193,8 +210,11 @@ class Int8TiedEmbedding(TiedEmbedding):
         rows = super().forward(input_ids).to(self.compute_dtype)
         return rows * nn.functional.embedding(input_ids, self.weight_scale).to(self.compute_dtype)
 
+    def kernel_problem(self, dtype: torch.dtype) -> Problem:
+        return int8_problem("w8a16", self.weight, dtype)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return weight_only_matmul(x, self.weight, self.weight_scale)
+        return weight_only(self, x)
 
 
 class Int8DynamicTiedEmbedding(Int8TiedEmbedding):
@@ -207,9 +227,10 @@ class Int8DynamicTiedEmbedding(Int8TiedEmbedding):
 
     scheme = "w8a8"
     ACTIVATIONS = Int8Linear.ACTIVATIONS
-    _gemm: Int8Gemm | None = None
+    zero_point = 0
+
+    def kernel_problem(self, dtype: torch.dtype) -> Problem:
+        return int8_problem("w8a8", self.weight, dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self._gemm is None:
-            self._gemm = Int8Gemm(self.weight, self.weight_scale)
-        return _w8a8(x, quantize_per_token, self._gemm)
+        return w8a8(self, x, quantize_per_token)

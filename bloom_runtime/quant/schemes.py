@@ -1,7 +1,7 @@
 """The registry of quantization schemes, by the names users pass (`--quant`, `--scheme`).
 
 Adding a scheme: its module class (see base.py) and one line here; a kernel in
-kernels.py if it needs a new one; tests.
+a role in kernels/ if none of those fits; tests.
 """
 
 from __future__ import annotations

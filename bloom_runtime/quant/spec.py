@@ -10,6 +10,8 @@ from ..errors import InputError
 from .base import QuantizedLinear
 from .schemes import HEADS, LINEARS
 
+PORTABLE_HEAD = "w8a16"  # int8 rows, weight-only: the head every reader of compressed-tensors runs
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
@@ -37,6 +39,16 @@ class QuantSpec:
             raise InputError(f"quant {name!r}: expected one of {', '.join(LINEARS)}")
         alpha = 0.5 if LINEARS[name].ACTIVATIONS else None
         return cls(name, alpha=alpha, head=name if name in HEADS else None)
+
+    @classmethod
+    def written(cls, name: str) -> QuantSpec:
+        """The default recipe `weights quant` writes: `from_name`'s, with a head that other engines
+        read (a checkpoint is for them too): where the scheme's own head form is not read
+        elsewhere (int4), the weight-only int8 head, as llm-compressor keeps W4A16 heads apart."""
+        spec = cls.from_name(name)
+        if spec.head is not None and not HEADS[spec.head].READ_ELSEWHERE:
+            spec = dataclasses.replace(spec, head=PORTABLE_HEAD)
+        return spec
 
     @property
     def linear_class(self) -> type[QuantizedLinear]:

@@ -1,0 +1,86 @@
+"""Role "dense16": a float linear in bfloat16 or float16, y = x @ w^T + b.
+
+Candidates: `F.linear` on the plain weight; oneDNN's matmul on the weight reordered
+once into its blocked layout (it raises where the CPU lacks 16-bit instructions,
+e.g. bfloat16 on AVX2); and float32 arithmetic on the 16-bit weight (converted per
+call: storage stays 16-bit), which wins where 16-bit GEMMs are emulated.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from .selection import Kernel, Problem, Role, register
+
+
+def _mkldnn() -> bool:
+    return torch.backends.mkldnn.is_available()
+
+
+class Plain(Kernel):
+    name = "plain"
+
+    def __init__(self, owner) -> None:
+        super().__init__()
+
+    def forward(self, owner, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, owner.weight, owner.bias)
+
+
+class Float32(Kernel):
+    """Each call converts the weight to float32: a GEMM with native float32 arithmetic."""
+
+    name = "float32"
+
+    def __init__(self, owner) -> None:
+        super().__init__()
+
+    def forward(self, owner, x: torch.Tensor) -> torch.Tensor:
+        bias = None if owner.bias is None else owner.bias.float()
+        return F.linear(x.float(), owner.weight.float(), bias).to(x.dtype)
+
+
+class OneDnnPacked(Kernel):
+    """oneDNN's matmul on the weight reordered once (the owner's plain weight is dropped)."""
+
+    name = "onednn-packed"
+    drops = ("weight",)
+
+    @classmethod
+    def unsupported(cls, problem: Problem) -> str | None:
+        return None if problem.device == "cpu" and _mkldnn() else "needs oneDNN on CPU"
+
+    def __init__(self, owner) -> None:
+        super().__init__()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(owner.weight.detach(), 1),
+                             persistent=False)
+
+    def forward(self, owner, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, owner.bias, "none", [], "")
+
+    def restore(self, name: str) -> torch.Tensor:
+        return self.packed.to_dense()
+
+
+@register
+class Dense16(Role):
+    name = "dense16"
+    candidates = (OneDnnPacked, Plain, Float32)
+
+    @classmethod
+    def sample(cls, problem: Problem, rows: int, generator: torch.Generator):
+        n, k, dtype = problem.outputs, problem.inputs, problem.torch_dtype
+
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator).to(problem.device, dtype)
+
+        owner = SimpleNamespace(weight=randn(n, k) * 0.05, bias=randn(n))
+        return owner, (randn(rows, k),)
+
+    @classmethod
+    def reference(cls, owner, inputs: tuple) -> torch.Tensor:
+        (x,) = inputs
+        return x.double() @ owner.weight.double().t() + owner.bias.double()

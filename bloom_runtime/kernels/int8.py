@@ -1,0 +1,263 @@
+"""Roles "w8a16" (float activations x int8 weights) and "w8a8" (int8 x int8, exact sums).
+
+The owner holds an int8 `weight` [N, K] with float32 `weight_scale` [N, 1] and an
+optional float `bias`; W8A8 owners also say their activations' `zero_point`.
+
+W8A8's candidates all promise exact integer sums; they differ in how. oneDNN's
+u8 x s8 GEMM takes activations shifted to uint8 (q + 128); CPUs with VNNI or AMX
+sum its products in 32 bits, but AVX2 without VNNI adds pairs of products in 16
+bits (vpmaddubsw), which saturate for uint8 inputs above 127. The split form
+feeds the same GEMM q = 2h + l as two 7-bit halves (h + 64 and l + 64, all <= 127)
+stacked in one call, so no pair sum can saturate and the weights are read once.
+`torch._int_mm` lowers to oneDNN on CPU too (and saturates alike where oneDNN runs
+AVX2 kernels); float32 sums are the last resort. The probe keeps those that are
+exact here.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from .selection import Kernel, Problem, Role, register
+
+# torch 2.13's int8pack CPU kernel segfaults on a weight that does not start on a 16-byte boundary
+# (seen at 144 rows of 512 x 128, and at 1 row of 1001 x 128): tensors memory-mapped from a
+# checkpoint may start anywhere
+ALIGNMENT = 16
+
+
+class Int8Pack(Kernel):
+    """aten's int8 weight-pack matrix-vector kernel, 16-bit activations (float32 rounds to
+    bfloat16 there: its float32 variant is far slower, as the probe's timings show)."""
+
+    name = "int8pack"
+
+    @classmethod
+    def unsupported(cls, problem: Problem) -> str | None:
+        if problem.device != "cpu":
+            return "CPU only"
+        if problem.dtype in ("bfloat16", "float32") and problem.inputs % 16:
+            # torch 2.13's bfloat16 CPU kernel segfaults on such widths (seen at K=72): a crash
+            # kills the process, so no probe may run it
+            return f"input width {problem.inputs} is not a multiple of 16 (the kernel crashes)"
+        return None
+
+    @classmethod
+    def tolerance(cls, problem: Problem) -> float:
+        return 4 * torch.finfo(torch.bfloat16 if problem.dtype == "float32" else problem.torch_dtype).eps
+
+    def __init__(self, owner) -> None:
+        super().__init__()
+        if owner.weight.data_ptr() % ALIGNMENT:  # checkpoint.read_state aligns what it loads
+            raise ValueError(f"int8pack needs a weight aligned to {ALIGNMENT} bytes (it segfaults on others)")
+
+    def forward(self, owner, x: torch.Tensor) -> torch.Tensor:
+        act = x.to(torch.bfloat16) if x.dtype == torch.float32 else x
+        y = torch.ops.aten._weight_int8pack_mm(act, owner.weight, owner.weight_scale.view(-1).to(act.dtype))
+        return y.to(x.dtype)
+
+
+class Dequantize(Kernel):
+    """The int8 weight converted to the activations' dtype per call, then a float GEMM."""
+
+    name = "dequantize"
+
+    def __init__(self, owner) -> None:
+        super().__init__()
+
+    def forward(self, owner, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, owner.weight.to(x.dtype)) * owner.weight_scale.view(-1).to(x.dtype)
+
+
+@register
+class W8A16(Role):
+    name = "w8a16"
+    candidates = (Int8Pack, Dequantize)
+
+    @classmethod
+    def sample(cls, problem: Problem, rows: int, generator: torch.Generator):
+        owner = _int8_owner(problem, generator)
+        x = torch.randn(rows, problem.inputs, generator=generator).to(problem.device, problem.torch_dtype)
+        return owner, (x,)
+
+    @classmethod
+    def reference(cls, owner, inputs: tuple) -> torch.Tensor:
+        (x,) = inputs
+        return x.double() @ (owner.weight.double() * owner.weight_scale.double()).t()
+
+
+def _int8_owner(problem: Problem, generator: torch.Generator, zero_point: int = 0) -> SimpleNamespace:
+    n, k = problem.outputs, problem.inputs
+    weight = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+    scale = torch.rand(n, 1, generator=generator) * 1e-3 + 1e-4
+    bias = torch.randn(n, generator=generator).to(problem.torch_dtype)
+    return SimpleNamespace(weight=weight.to(problem.device), weight_scale=scale.to(problem.device),
+                           bias=bias.to(problem.device), zero_point=zero_point)
+
+
+class _Int8Gemm(Kernel):
+    """What the W8A8 kernels share: `kernel(owner, q, x_scale, out_dtype)` is
+    ((q - zero_point) @ w^T) * weight_scale * x_scale + bias, rounded once to `out_dtype`, for
+    int8 q [M, K] and x_scale [M, 1] (per row) or one number (per tensor)."""
+
+    @classmethod
+    def tolerance(cls, problem: Problem) -> float:
+        return 1e-6  # exact integer sums; float32 scaling
+
+    def __init__(self, owner) -> None:
+        super().__init__()
+        self.zero_point = int(owner.zero_point)
+        scale = owner.weight_scale.reshape(-1).float().contiguous()
+        self.register_buffer("weight_scale", scale, persistent=False)
+        bias = None if owner.bias is None else owner.bias.float()
+        self.register_buffer("bias", bias, persistent=False)
+
+    def epilogue(self, y: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """Sums already scaled by the weight's scales [M, N] -> times x_scale, biased, in `out_dtype`
+        (one fused multiply-add)."""
+        y = y * x_scale if self.bias is None else torch.addcmul(self.bias, y, x_scale)
+        return y.to(out_dtype)
+
+
+class IntMM(_Int8Gemm):
+    """`torch._int_mm` on the plain weight (CUDA wants more than 16 rows: small calls are padded)."""
+
+    name = "int_mm"
+
+    def __init__(self, owner) -> None:
+        super().__init__(owner)
+        rows = owner.weight.sum(dim=1, dtype=torch.int32) if self.zero_point else None
+        self.register_buffer("row_sums", rows, persistent=False)
+
+    def forward(self, owner, q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        m = q.shape[0]
+        padded = F.pad(q, (0, 0, 0, 17 - m)) if q.device.type == "cuda" and m <= 16 else q
+        acc = torch._int_mm(padded, owner.weight.t())[:m]
+        if self.zero_point:
+            acc = acc - self.zero_point * self.row_sums
+        return self.epilogue(acc.float() * self.weight_scale, x_scale, out_dtype)
+
+
+class Float32Sums(_Int8Gemm):
+    """The integers as float32, a float GEMM: products of int8 are exact in float32 and the sums
+    round only past 2^24 (relative 6e-8). Slow (the weight is converted per call), but it needs
+    no integer instruction, so some candidate is correct on any machine."""
+
+    name = "float32"
+
+    def __init__(self, owner) -> None:
+        super().__init__(owner)
+
+    def forward(self, owner, q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        acc = F.linear(q.float() - self.zero_point, owner.weight.float())
+        return self.epilogue(acc * self.weight_scale, x_scale, out_dtype)
+
+
+class _OneDnn(_Int8Gemm):
+    """oneDNN's int8 GEMM (`onednn::qlinear_pointwise`, what PyTorch's x86 int8 inference lowers
+    to) on the weight prepacked once; the owner's plain int8 weight is dropped (held once)."""
+
+    drops = ("weight",)
+
+    @classmethod
+    def unsupported(cls, problem: Problem) -> str | None:
+        ok = problem.device == "cpu" and torch.backends.mkldnn.is_available() and \
+            hasattr(torch.ops.onednn, "qlinear_pointwise")
+        return None if ok else "needs oneDNN's int8 ops on CPU"
+
+    def __init__(self, owner) -> None:
+        super().__init__(owner)
+        self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(owner.weight, None), persistent=False)
+        self.register_buffer("weight_zero_points", torch.zeros(owner.weight.shape[0], dtype=torch.long),
+                             persistent=False)
+        self.one = torch.ones((), dtype=torch.float32)
+
+    def gemm(self, u8: torch.Tensor, zero_point: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+             out_dtype: torch.dtype) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_pointwise.tensor(
+            u8, scale, zero_point, self.packed, self.weight_scale, self.weight_zero_points, bias, 1.0, 0,
+            out_dtype, "none", [], "")  # fmt: skip
+
+    def restore(self, name: str) -> torch.Tensor:
+        return self.packed.to_dense().t().contiguous()  # the prepacked layout unpacks as [K, N]
+
+
+class OneDnnU8(_OneDnn):
+    """Activations as uint8 q + 128 (zero point + 128): one GEMM. Where the activation scale is
+    one number, oneDNN applies it and the bias in its epilogue and writes `out_dtype` itself."""
+
+    name = "onednn-u8"
+
+    def __init__(self, owner) -> None:
+        super().__init__(owner)
+        self.shifted_zero_point = torch.tensor(self.zero_point + 128, dtype=torch.long)
+
+    def forward(self, owner, q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        shifted = q.view(torch.uint8) ^ 128  # two's complement + 128: q + 128 as uint8
+        if x_scale.numel() == 1:
+            return self.gemm(shifted, self.shifted_zero_point, x_scale.reshape(()), self.bias, out_dtype)
+        y = self.gemm(shifted, self.shifted_zero_point, self.one, None, torch.float32)
+        return self.epilogue(y, x_scale, out_dtype)
+
+
+class OneDnnSplit(_OneDnn):
+    """q = 2h + l with h = q >> 1 in [-64, 63] and l in {0, 1}; rows [h + 64; l + 64] (uint8, all
+    <= 127) in one GEMM with zero point 64, then 2 * top + bottom: exact without VNNI, and the
+    weights are read once (decode is bound by that read, so two rows cost about what one does).
+    The zero point's share, zero_point * sum_k w[n, k] (scaled), is subtracted after."""
+
+    name = "onednn-u8-split"
+
+    def __init__(self, owner) -> None:
+        super().__init__(owner)
+        self.sixty_four = torch.tensor(64, dtype=torch.long)
+        sums = owner.weight.sum(dim=1, dtype=torch.int32).float() * self.weight_scale * self.zero_point
+        self.register_buffer("zero_point_sums", sums if self.zero_point else None, persistent=False)
+
+    def forward(self, owner, q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        m = q.shape[0]
+        halves = torch.cat([(q >> 1) + 64, (q & 1) + 64]).view(torch.uint8)
+        y = self.gemm(halves, self.sixty_four, self.one, None, torch.float32)
+        acc = torch.add(y[m:], y[:m], alpha=2)
+        if self.zero_point:
+            acc = acc - self.zero_point_sums
+        return self.epilogue(acc, x_scale, out_dtype)
+
+
+@register
+class W8A8(Role):
+    name = "w8a8"
+    candidates = (OneDnnU8, OneDnnSplit, IntMM, Float32Sums)
+    ZERO_POINT = 3  # probes run with a zero point: static asymmetric activations have one
+
+    @classmethod
+    def rounding(cls, inputs: tuple) -> float:
+        out_dtype = inputs[2]
+        return 0.0 if out_dtype == torch.float32 else 2 * torch.finfo(out_dtype).eps
+
+    @classmethod
+    def sample(cls, problem: Problem, rows: int, generator: torch.Generator):
+        """Full-range int8 activations with runs of the extremes (-128, 127), which saturate
+        16-bit pair sums; per-row and per-tensor scales; float32 output (exact sums must
+        survive to 1e-6) and the model's dtype (the fused epilogue)."""
+        owner = _int8_owner(problem, generator, cls.ZERO_POINT)
+        q = torch.randint(-128, 128, (rows, problem.inputs), generator=generator, dtype=torch.int8)
+        extremes = torch.rand(rows, problem.inputs, generator=generator) < 0.5
+        q[extremes] = torch.where(torch.rand(int(extremes.sum()), generator=generator) < 0.5, -128, 127).to(
+            torch.int8)
+        device = problem.device
+        per_row = (torch.rand(rows, 1, generator=generator) + 0.5).to(device)
+        per_tensor = torch.tensor([0.75], device=device)
+        q = q.to(device)
+        return owner, ([(q, per_row, torch.float32), (q, per_tensor, torch.float32),
+                        (q, per_tensor, problem.torch_dtype)],)
+
+    @classmethod
+    def reference(cls, owner, inputs: tuple) -> torch.Tensor:
+        q, x_scale, out_dtype = inputs
+        acc = (q.double() - owner.zero_point) @ owner.weight.double().t()
+        y = acc * owner.weight_scale.double().view(-1) * x_scale.double() + owner.bias.double()
+        return y.to(out_dtype).double()  # rounding to out_dtype is the contract, not an error

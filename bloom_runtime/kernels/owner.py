@@ -1,0 +1,71 @@
+"""`KernelOwner`: the side of a module that a kernel role serves.
+
+A module says which problem it poses (`kernel_problem`: role, shape, dtype); at load,
+`prepare_kernels` asks the selector which candidate serves it here and builds that
+kernel as a child module, once. A kernel that replaces one of the module's tensors
+(a packed layout) takes it over: the module holds the weight once, `state_dict`
+still gives it back plain, and `release_kernels` restores the parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .selection import Decision, Problem, candidate, selector
+
+
+class KernelOwner(nn.Module):
+    """Mixed in before the module class; `run_kernel` calls the kernel serving a call's rows."""
+
+    KEEPS: ClassVar[tuple[str, ...]] = ()  # tensors a kernel may not take (a tied head's lookup rows)
+    decision: Decision | None = None  # the kernels themselves are the child module "kernels"
+
+    def kernel_problem(self, dtype: torch.dtype) -> Problem | None:
+        """The problem this module poses with activations of `dtype`; None: no kernel role."""
+        return None
+
+    def prepare_kernels(self, dtype: torch.dtype) -> None:
+        """Choose and build this module's kernel(s) for activations of `dtype` (once)."""
+        problem = self.kernel_problem(dtype)
+        if problem is None or self.decision is not None:
+            return
+        decision = selector().decide(problem)
+        built = {name: candidate(problem.role, name)(self) for name in sorted(set(decision.serves.values()))}
+        for kernel in built.values():
+            for name in kernel.drops:
+                if name not in self.KEEPS:
+                    delattr(self, name)
+        self.kernels, self.decision = nn.ModuleDict(built), decision
+        self._by_rows: dict[int, Callable] = {}
+
+    def release_kernels(self) -> None:
+        """Drop the kernels and give back, as parameters, the tensors they took."""
+        if self.decision is None:
+            return
+        for kernel in self.kernels.values():
+            for name in kernel.drops:
+                if name not in self.KEEPS:
+                    self.register_parameter(name, nn.Parameter(kernel.restore(name), requires_grad=False))
+        del self.kernels
+        self.decision = None
+
+    def run_kernel(self, dtype: torch.dtype, *inputs) -> torch.Tensor:
+        """The serving kernel on `inputs` (rows first); prepares it on first use if load did not."""
+        if self.decision is None:
+            self.prepare_kernels(dtype)
+        rows = inputs[0].shape[0]
+        forward = self._by_rows.get(rows)
+        if forward is None:  # the bound forward: a kernel has no hooks, so skip Module.__call__'s cost
+            forward = self._by_rows[rows] = self.kernels[self.decision.name_for(rows)].forward
+        return forward(self, *inputs)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for kernel in (self.kernels.values() if self.decision is not None else ()):
+            for name in kernel.drops:
+                if name not in self.KEEPS:
+                    destination[prefix + name] = kernel.restore(name)
