@@ -88,19 +88,14 @@ class Linear(KernelOwner, nn.Linear):
         return dense_problem(self.weight, copies=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.decision is None:
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(-1, x.shape[-1])
-        return self.run_kernel(x.dtype, flat).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight, self.bias) if self.decision is None else self.run_rows(x)
 
 
 def dense_problem(weight: torch.Tensor, copies: bool) -> Problem | None:
     """A 16-bit float weight [N, K] as a "dense16" problem; float32 needs no kernel choice."""
     if weight.dtype not in (torch.bfloat16, torch.float16):
         return None
-    rows, width = weight.shape
-    return Problem("dense16", weight.device.type, str(weight.dtype).removeprefix("torch."), rows, width,
-                   copies=copies)
+    return Problem.of("dense16", *weight.shape, weight.device, weight.dtype, copies=copies)
 
 
 class Attention(nn.Module):
@@ -191,10 +186,7 @@ class TiedEmbedding(KernelOwner):
         return dense_problem(self.weight, copies=False)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.decision is None:
-            return F.linear(x, self.weight)
-        flat = x.reshape(-1, x.shape[-1])
-        return self.run_kernel(x.dtype, flat).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight) if self.decision is None else self.run_rows(x)
 
     @property
     def bias(self) -> None:

@@ -59,7 +59,7 @@ def test_every_kernel_the_probe_passes_is_exact_at_every_row_count(problem):
             if problem.role == "w8a8":
                 owner.zero_point = -37 if rows % 2 else 90
             kernel = cls(owner)
-            for variant in sel._variants(inputs):
+            for variant in inputs:
                 error = relative_error(kernel(owner, *variant), role.reference(owner, variant))
                 allowed = max(cls.tolerance(problem), role.rounding(variant))
                 assert error <= allowed, f"{name} at {rows} rows: error {error:.3g} > {allowed:.3g}"
@@ -69,7 +69,7 @@ class _Raises(Kernel):
     name = "planted-raises"
 
     def __init__(self, owner) -> None:
-        super().__init__()
+        super().__init__(owner)
         raise RuntimeError("this CPU lacks the instruction")
 
 
@@ -79,7 +79,7 @@ class _Wrong(Kernel):
     name = "planted-wrong"
 
     def __init__(self, owner) -> None:
-        super().__init__()
+        super().__init__(owner)
         self.real = kernels.int8.Float32Sums(owner)  # correct on any machine
 
     def forward(self, owner, q, x_scale, out_dtype):

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .selection import Kernel, Problem, Role, register
+from .selection import Kernel, Problem, Role, activations, register
 
 
 def _mkldnn() -> bool:
@@ -23,9 +23,6 @@ def _mkldnn() -> bool:
 class Plain(Kernel):
     name = "plain"
 
-    def __init__(self, owner) -> None:
-        super().__init__()
-
     def forward(self, owner, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, owner.weight, owner.bias)
 
@@ -34,9 +31,6 @@ class Float32(Kernel):
     """Each call converts the weight to float32: a GEMM with native float32 arithmetic."""
 
     name = "float32"
-
-    def __init__(self, owner) -> None:
-        super().__init__()
 
     def forward(self, owner, x: torch.Tensor) -> torch.Tensor:
         bias = None if owner.bias is None else owner.bias.float()
@@ -54,7 +48,7 @@ class OneDnnPacked(Kernel):
         return None if problem.device == "cpu" and _mkldnn() else "needs oneDNN on CPU"
 
     def __init__(self, owner) -> None:
-        super().__init__()
+        super().__init__(owner)
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(owner.weight.detach(), 1),
                              persistent=False)
 
@@ -72,13 +66,12 @@ class Dense16(Role):
 
     @classmethod
     def sample(cls, problem: Problem, rows: int, generator: torch.Generator):
-        n, k, dtype = problem.outputs, problem.inputs, problem.torch_dtype
-
         def randn(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=generator).to(problem.device, dtype)
+            return torch.randn(*shape, generator=generator).to(problem.device, problem.torch_dtype)
 
+        n, k = problem.outputs, problem.inputs
         owner = SimpleNamespace(weight=randn(n, k) * 0.05, bias=randn(n))
-        return owner, (randn(rows, k),)
+        return owner, [(activations(problem, rows, generator),)]
 
     @classmethod
     def reference(cls, owner, inputs: tuple) -> torch.Tensor:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .selection import Kernel, Problem, Role, register
+from .selection import Kernel, Problem, Role, activations, register
 
 INT4PACK_GROUPS = (32, 64, 128, 256)
 
@@ -36,7 +36,7 @@ class Int4Pack(Kernel):
         return 4 * torch.finfo(torch.bfloat16).eps
 
     def __init__(self, owner) -> None:
-        super().__init__()
+        super().__init__(owner)
         q, scale = owner.int4_values(), owner.weight_scale
         self.group, self.outputs = owner.GROUP, q.shape[0]
         pad = -self.outputs % 16
@@ -56,9 +56,6 @@ class Int4Pack(Kernel):
 class Dequantize(Kernel):
     name = "dequantize"
 
-    def __init__(self, owner) -> None:
-        super().__init__()
-
     def forward(self, owner, x: torch.Tensor) -> torch.Tensor:
         scale = owner.weight_scale.to(x.dtype).repeat_interleave(owner.GROUP, dim=1)
         return F.linear(x, owner.int4_values().to(x.dtype) * scale)
@@ -75,8 +72,7 @@ class W4A16(Role):
         q = torch.randint(-8, 8, (n, k), generator=generator, dtype=torch.int8).to(problem.device)
         scale = (torch.rand(n, k // group, generator=generator) * 0.02 + 1e-3).to(problem.device)
         owner = SimpleNamespace(int4_values=lambda: q, weight_scale=scale, GROUP=group)
-        x = torch.randn(rows, k, generator=generator).to(problem.device, problem.torch_dtype)
-        return owner, (x,)
+        return owner, [(activations(problem, rows, generator),)]
 
     @classmethod
     def reference(cls, owner, inputs: tuple) -> torch.Tensor:

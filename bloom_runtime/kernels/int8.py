@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .selection import Kernel, Problem, Role, register
+from .selection import Kernel, Problem, Role, activations, register
 
 # torch 2.13's int8pack CPU kernel segfaults on a weight that does not start on a 16-byte boundary
 # (seen at 144 rows of 512 x 128, and at 1 row of 1001 x 128): tensors memory-mapped from a
@@ -50,7 +50,7 @@ class Int8Pack(Kernel):
         return 4 * torch.finfo(torch.bfloat16 if problem.dtype == "float32" else problem.torch_dtype).eps
 
     def __init__(self, owner) -> None:
-        super().__init__()
+        super().__init__(owner)
         if owner.weight.data_ptr() % ALIGNMENT:  # checkpoint.read_state aligns what it loads
             raise ValueError(f"int8pack needs a weight aligned to {ALIGNMENT} bytes (it segfaults on others)")
 
@@ -65,9 +65,6 @@ class Dequantize(Kernel):
 
     name = "dequantize"
 
-    def __init__(self, owner) -> None:
-        super().__init__()
-
     def forward(self, owner, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, owner.weight.to(x.dtype)) * owner.weight_scale.view(-1).to(x.dtype)
 
@@ -79,9 +76,7 @@ class W8A16(Role):
 
     @classmethod
     def sample(cls, problem: Problem, rows: int, generator: torch.Generator):
-        owner = _int8_owner(problem, generator)
-        x = torch.randn(rows, problem.inputs, generator=generator).to(problem.device, problem.torch_dtype)
-        return owner, (x,)
+        return _int8_owner(problem, generator), [(activations(problem, rows, generator),)]
 
     @classmethod
     def reference(cls, owner, inputs: tuple) -> torch.Tensor:
@@ -108,7 +103,7 @@ class _Int8Gemm(Kernel):
         return 1e-6  # exact integer sums; float32 scaling
 
     def __init__(self, owner) -> None:
-        super().__init__()
+        super().__init__(owner)
         self.zero_point = int(owner.zero_point)
         scale = owner.weight_scale.reshape(-1).float().contiguous()
         self.register_buffer("weight_scale", scale, persistent=False)
@@ -147,9 +142,6 @@ class Float32Sums(_Int8Gemm):
     no integer instruction, so some candidate is correct on any machine."""
 
     name = "float32"
-
-    def __init__(self, owner) -> None:
-        super().__init__(owner)
 
     def forward(self, owner, q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         acc = F.linear(q.float() - self.zero_point, owner.weight.float())
@@ -252,8 +244,8 @@ class W8A8(Role):
         per_row = (torch.rand(rows, 1, generator=generator) + 0.5).to(device)
         per_tensor = torch.tensor([0.75], device=device)
         q = q.to(device)
-        return owner, ([(q, per_row, torch.float32), (q, per_tensor, torch.float32),
-                        (q, per_tensor, problem.torch_dtype)],)
+        return owner, [(q, per_row, torch.float32), (q, per_tensor, torch.float32),
+                       (q, per_tensor, problem.torch_dtype)]
 
     @classmethod
     def reference(cls, owner, inputs: tuple) -> torch.Tensor:

@@ -63,6 +63,10 @@ class KernelOwner(nn.Module):
             forward = self._by_rows[rows] = self.kernels[self.decision.name_for(rows)].forward
         return forward(self, *inputs)
 
+    def run_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] through `run_kernel` as rows [M, K], back in x's leading shape."""
+        return self.run_kernel(x.dtype, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for kernel in (self.kernels.values() if self.decision is not None else ()):

@@ -64,6 +64,12 @@ class Problem:
     group: int = 0
     copies: bool = True
 
+    @classmethod
+    def of(cls, role: str, outputs: int, inputs: int, device: torch.device, dtype: torch.dtype,
+           **given) -> Problem:
+        """The problem of an `outputs` x `inputs` weight on `device` with activations of `dtype`."""
+        return cls(role, device.type, str(dtype).removeprefix("torch."), outputs, inputs, **given)
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
@@ -97,6 +103,10 @@ class Kernel(nn.Module):
         """The relative error (Frobenius, against float64) this kernel is allowed."""
         return 4 * torch.finfo(problem.torch_dtype).eps
 
+    def __init__(self, owner: Any) -> None:
+        """Build what this kernel derives from `owner`'s tensors (nothing, by default)."""
+        super().__init__()
+
     def restore(self, name: str) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} drops no tensor {name}")
 
@@ -108,8 +118,9 @@ class Role:
     candidates: ClassVar[tuple[type[Kernel], ...]]
 
     @classmethod
-    def sample(cls, problem: Problem, rows: int, generator: torch.Generator) -> tuple[Any, tuple]:
-        """An owner holding random weights of `problem`'s shape, and the kernel's inputs for `rows`."""
+    def sample(cls, problem: Problem, rows: int, generator: torch.Generator) -> tuple[Any, list[tuple]]:
+        """An owner holding random weights of `problem`'s shape, and the kernel's inputs for `rows`:
+        one tuple of arguments per form the role's callers use (W8A8: per-row, per-tensor scales)."""
         raise NotImplementedError
 
     @classmethod
@@ -329,7 +340,7 @@ def _check(role: type[Role], cls: type[Kernel], problem: Problem) -> Trial:
         for rows in PROBED_ROWS:
             owner, inputs = role.sample(small, rows, generator)
             kernel = cls(owner)
-            for variant in _variants(inputs):
+            for variant in inputs:
                 got = kernel(owner, *variant).double().cpu()
                 want = role.reference(owner, variant).cpu()
                 error = float((got - want).norm() / want.norm().clamp(min=1e-30))
@@ -343,9 +354,10 @@ def _check(role: type[Role], cls: type[Kernel], problem: Problem) -> Trial:
     return Trial(cls.name, True, "", worst)
 
 
-def _variants(inputs: tuple) -> list[tuple]:
-    """A role's sample may offer several input forms (W8A8: per-row and per-tensor scales)."""
-    return list(inputs[0]) if inputs and isinstance(inputs[0], list) else [inputs]
+def activations(problem: Problem, rows: int, generator: torch.Generator) -> torch.Tensor:
+    """Random float activations [rows, inputs] of the problem's dtype, on its device."""
+    x = torch.randn(rows, problem.inputs, generator=generator)
+    return x.to(problem.device, problem.torch_dtype)
 
 
 def _times(role: type[Role], cls: type[Kernel], problem: Problem) -> dict[int, float]:
@@ -357,7 +369,7 @@ def _times(role: type[Role], cls: type[Kernel], problem: Problem) -> dict[int, f
     out = {}
     for rows in TIMED_ROWS:
         samples = [role.sample(timed, rows, generator) for _ in range(copies)]
-        calls = [(cls(owner), owner, _variants(inputs)[0]) for owner, inputs in samples]
+        calls = [(cls(owner), owner, inputs[0]) for owner, inputs in samples]
         out[rows] = _best_ms(_cycle(calls), problem.device) / copies
     return out
 

@@ -72,15 +72,12 @@ class Int4Weights(Scheme):
 
     def kernel_problem(self, dtype: torch.dtype) -> Problem:
         rows, words = self.weight_packed.shape
-        return Problem("w4a16", self.weight_packed.device.type, str(dtype).removeprefix("torch."), rows,
-                       words * PER_WORD, group=self.GROUP)
+        return Problem.of("w4a16", rows, words * PER_WORD, self.weight_packed.device, dtype, group=self.GROUP)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] @ w^T in x's dtype; x narrower than the packed width is padded with zeros."""
         width = self.weight_packed.shape[1] * PER_WORD
-        flat = x.reshape(-1, x.shape[-1])
-        flat = F.pad(flat, (0, width - flat.shape[-1])) if flat.shape[-1] < width else flat
-        return self.run_kernel(x.dtype, flat).view(*x.shape[:-1], -1)
+        return self.run_rows(F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x)
 
     def check_storable(self, name: str) -> None:
         """compressed-tensors stores whole groups only."""

@@ -40,13 +40,7 @@ def quantize_per_token(flat: torch.Tensor, reduce_absmax=None) -> tuple[torch.Te
 
 def int8_problem(role: str, weight: torch.Tensor, dtype: torch.dtype) -> Problem:
     """An int8 weight [N, K] with activations of `dtype` as a "w8a16" or "w8a8" problem."""
-    rows, width = weight.shape
-    return Problem(role, weight.device.type, str(dtype).removeprefix("torch."), rows, width)
-
-
-def weight_only(owner: KernelOwner, x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ (int8 weight * scale)^T on the owner's "w8a16" kernel, in x's dtype."""
-    return owner.run_kernel(x.dtype, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+    return Problem.of(role, *weight.shape, weight.device, dtype)
 
 
 def w8a8(owner: KernelOwner, x: torch.Tensor, quantize) -> torch.Tensor:
@@ -96,7 +90,7 @@ class Int8WeightOnlyLinear(_Int8Weights):
         return int8_problem("w8a16", self.weight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = weight_only(self, x)
+        y = self.run_rows(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -214,7 +208,7 @@ class Int8TiedEmbedding(Scheme, TiedEmbedding):
         return int8_problem("w8a16", self.weight, dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return weight_only(self, x)
+        return self.run_rows(x)
 
 
 class Int8DynamicTiedEmbedding(Int8TiedEmbedding):
