@@ -232,6 +232,44 @@ def _perf_parser(sub) -> None:
     perf.set_defaults(func=cmd_perf)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from .serving.app import create_app, serve
+        from .serving.scheduler import follow
+    except ImportError as err:
+        raise InputError(f"serve needs the serve extra: pip install -e \".[serve]\" ({err})") from None
+    for flag in ("max_batch_size", "max_waiting", "max_batch_tokens"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    engine = load(args.model, dtype=args.dtype, device=args.device, quant=args.quant)
+    if not engine.shard.is_main:  # under torchrun: run rank 0's batch on this rank's part
+        follow(engine, args.max_batch_size)
+        return
+    app = create_app(engine, args.served_model_name or args.model, args.max_batch_size, args.max_waiting,
+                     args.max_batch_tokens, Path(args.chat_template) if args.chat_template else None)
+    name = args.served_model_name or args.model
+    print(f"bloom-runtime: serving {name} on http://{args.host}:{args.port}/v1 (tp={engine.shard.world}, "
+          f"up to {args.max_batch_size} sequences a step)", file=sys.stderr, flush=True)
+    serve(app, args.host, args.port)
+
+
+def _serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="an OpenAI-compatible completions server with continuous batching")
+    _runtime_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients use (default: --model)")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="most sequences decoded together")
+    serve.add_argument("--max-waiting", type=int, default=64,
+                       help="most requests queued; beyond it requests get 429 with Retry-After")
+    serve.add_argument("--max-batch-tokens", type=int, default=2048,
+                       help="most padded prompt tokens prefilled together when requests join")
+    serve.add_argument("--chat-template", default=None, metavar="FILE",
+                       help="a Jinja chat template, to serve /v1/chat/completions (BLOOM has none)")
+    serve.set_defaults(func=cmd_serve)
+
+
 def cmd_precision(args: argparse.Namespace) -> None:
     from .ceval.evaluation import evaluate
 
@@ -321,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(info)
     info.set_defaults(func=cmd_info)
 
+    _serve_parser(sub)
     _perf_parser(sub)
     _precision_parser(sub)
     _weights_parser(sub)

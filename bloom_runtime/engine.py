@@ -1,9 +1,9 @@
 """`Engine`: a loaded model (see loader.py), with prefill/decode generation.
 
-Generation is two phases. Prefill runs the whole left-padded prompt once,
-writes every layer's keys/values into a preallocated `KVCache`, and computes
-the head for the last position only. Each decode step then feeds one token per
-row. Left padding keeps all rows aligned, so one `start` offset serves the batch.
+Generation runs on the batching core that the server shares (batching.py): the rows
+are admitted together (one prefill into the batch's `KVCache`, the head computed at
+the last position only), then the batch steps, one token per running row, until every
+row has finished; a finished row leaves the batch and costs nothing more.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from collections.abc import Iterator
 import torch
 
 from . import parallel
+from .batching import Batch, Sequence
 from .config import BloomConfig
 from .errors import InputError
 from .kv_cache import KVCache
 from .model import Bloom
-from .sampling import GenerationConfig, next_token
+from .sampling import GenerationConfig
 from .tokenizer import Tokenizer
 
 
@@ -37,7 +38,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len or model.config.seq_length
         self.shard = shard
-        self._cache: KVCache | None = None
+        self._spare: KVCache | None = None  # a finished batch's cache, for the next one
 
     @property
     def device(self) -> torch.device:
@@ -92,56 +93,59 @@ class Engine:
         generation_config: GenerationConfig | None = None,
         **settings,
     ) -> Iterator[torch.Tensor]:
-        """Yield each step's new tokens [B] (on the device) as soon as they are chosen.
+        """Yield each step's new tokens [B] (CPU int64) as soon as they are chosen.
 
-        Arguments as `generate`; the inputs are checked before the first step.
-        Stops early once every row has produced `eos_token_id`.
+        Arguments as `generate`; the inputs are checked before the first step. A finished
+        row yields pad ids; the stream ends once every row has finished. Sampling with
+        `seed` gives row i the generator a lone run with seed + i would have.
         """
         config = (generation_config or GenerationConfig()).updated(**settings)
         ids, mask = self._check_inputs(input_ids, attention_mask, extra=config.max_new_tokens)
-        generator = None
-        if config.do_sample:
-            generator = torch.Generator(device=self.device)
-            seed = parallel.shared_seed(config.seed, self.shard)
-            generator.manual_seed(seed) if seed is not None else generator.seed()
-        return self._steps(ids, mask, config, generator)
+        prompts = [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
+        return self._steps([self.sequence(p, config, seed) for p, seed in
+                            zip(prompts, self.seeds(config, len(prompts)))])
 
-    @torch.inference_mode()
-    def _steps(
-        self,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        config: GenerationConfig,
-        generator: torch.Generator | None,
-    ) -> Iterator[torch.Tensor]:
-        batch, prompt_len = ids.shape
-        max_new_tokens, eos_token_id = config.max_new_tokens, config.eos_token_id
-        total = prompt_len + max_new_tokens
-        cache = self._kv_cache(batch, total)
-        full_mask = torch.ones(batch, total, dtype=mask.dtype, device=self.device)
-        full_mask[:, :prompt_len] = mask
-        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        logits = self.model(ids, full_mask[:, :prompt_len], cache, 0, last_only=True)
-        for step in range(max_new_tokens):
-            token = next_token(logits[:, -1], config, generator)
-            token = token.masked_fill(done, self.config.pad_token_id)
-            yield token
-            if eos_token_id is not None:
-                done |= token == eos_token_id
-                if bool(done.all()):
-                    return
-            if step + 1 < max_new_tokens:
-                pos = prompt_len + step
-                logits = self.model(token[:, None], full_mask[:, : pos + 1], cache, pos, last_only=True)
+    def sequence(self, prompt: list[int], config: GenerationConfig, seed: int | None) -> Sequence:
+        """A sequence to admit to a `batch()` of this engine (decoding text when it has a tokenizer)."""
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        return Sequence.start(prompt, config, seed, self.device, decode)
 
-    def _kv_cache(self, batch: int, length: int) -> KVCache:
-        """The cache for this generation, reusing the last one when it is big enough."""
-        if self._cache is None or not self._cache.fits(batch, length, self.dtype, self.device):
-            self._cache = None  # free the old buffers before allocating new ones
+    def seeds(self, config: GenerationConfig, count: int) -> list[int | None]:
+        """Seeds for `count` sequences sampled under `config`: seed + i, or (under tensor
+        parallelism, where ranks must draw alike) rank 0's random base + i, or None: fresh."""
+        base = parallel.shared_seed(config.seed, self.shard) if config.do_sample else None
+        return [None if base is None else base + i for i in range(count)]
+
+    def batch(self, rows: int, length: int) -> Batch:
+        """An empty running batch of up to `rows` sequences, its cache sized for `length` tokens
+        (it grows up to the context). It takes the engine's spare cache when that fits."""
+        cache, self._spare = self._spare, None
+        if cache is None or not cache.fits(rows, length, self.dtype, self.device):
+            cache = None  # free the old buffers before allocating new ones
             cfg = self.config
-            self._cache = KVCache(cfg.n_layer, batch, len(self.model.heads), length, cfg.head_dim,
-                                  self.dtype, self.device)
-        return self._cache
+            cache = KVCache(cfg.n_layer, rows, len(self.model.heads), length, cfg.head_dim,
+                            self.dtype, self.device)
+        return Batch(self.model, cache, self.max_seq_len)
+
+    def give_back(self, batch: Batch) -> None:
+        """Keep a finished batch's cache for the next `batch()` (allocating it again costs page faults)."""
+        self._spare = batch.cache
+
+    def _steps(self, seqs: list[Sequence]) -> Iterator[torch.Tensor]:
+        """Admit every row at once, then step until all have finished."""
+        longest = max(len(seq.prompt) + seq.config.max_new_tokens for seq in seqs)
+        batch = self.batch(len(seqs), longest)
+        try:
+            batch.admit(seqs)
+            for step in range(max(seq.config.max_new_tokens for seq in seqs)):
+                if step:
+                    if not batch.sequences:
+                        return
+                    batch.step()
+                yield torch.tensor([seq.tokens[step] if len(seq.tokens) > step else self.config.pad_token_id
+                                    for seq in seqs])
+        finally:
+            self.give_back(batch)
 
     def generate_text(
         self, prompts: list[str], *, generation_config: GenerationConfig | None = None, **settings

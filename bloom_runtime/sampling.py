@@ -18,7 +18,9 @@ from .errors import InputError
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    """How to generate: length, greedy or sampling, and when a row stops (`eos_token_id`)."""
+    """How to generate: length, greedy or sampling, when a row stops (`eos_token_id`, any of
+    `stop_token_ids`, or text containing one of `stop`, which needs a tokenizer), and whether
+    to report each token's log-probability with the `logprobs` most likely (None: not)."""
 
     max_new_tokens: int = 16
     do_sample: bool = False
@@ -27,6 +29,9 @@ class GenerationConfig:
     top_p: float = 1.0  # 1.0: off
     eos_token_id: int | None = None  # None: never stop early
     seed: int | None = None  # seeds sampling; None: a fresh random seed
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -37,6 +42,8 @@ class GenerationConfig:
             raise InputError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise InputError(f"logprobs must be >= 0, got {self.logprobs}")
 
     def updated(self, **changes: Any) -> GenerationConfig:
         """A copy with `changes` applied (the keyword form of `Engine.generate`)."""
