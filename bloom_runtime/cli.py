@@ -246,11 +246,83 @@ def cmd_serve(args: argparse.Namespace) -> None:
         follow(engine, args.max_batch_size)
         return
     app = create_app(engine, args.served_model_name or args.model, args.max_batch_size, args.max_waiting,
-                     args.max_batch_tokens, Path(args.chat_template) if args.chat_template else None)
+                     args.max_batch_tokens, Path(args.chat_template) if args.chat_template else None,
+                     static=args.batching == "static")
     name = args.served_model_name or args.model
     print(f"bloom-runtime: serving {name} on http://{args.host}:{args.port}/v1 (tp={engine.shard.world}, "
           f"up to {args.max_batch_size} sequences a step)", file=sys.stderr, flush=True)
     serve(app, args.host, args.port)
+
+
+def cmd_perf_serve(args: argparse.Namespace) -> None:
+    import contextlib
+    import functools
+    import math
+
+    import httpx
+
+    from .bench.peers import shared_checkpoint
+    from .bench.servers import Running, Setting, servable, started
+    from .bench.serving import Load, measure, verdicts
+
+    rates = [math.inf if r == "inf" else float(r) for r in args.request_rate]
+    if any(not r > 0 for r in rates) or args.num_prompts < 1 or args.input_len < 1 or args.output_len < 2:
+        raise InputError("--request-rate must be > 0 (or inf), --num-prompts and --input-len >= 1, "
+                         "--output-len >= 2 (TPOT needs two tokens)")
+    output = Path(args.output)
+    meta = {"title": f"perf serve: in={args.input_len} out={args.output_len} n={args.num_prompts}",
+            "input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts}
+    if args.url:
+        model = httpx.get(args.url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]["id"]
+        given = Running("url", args.url.rstrip("/"), model, args.url)
+        servers = {"url": lambda: contextlib.nullcontext(given)}
+        vocab = args.vocab_size
+    else:
+        cache = Path(args.peer_cache)
+        directory = servable(Path(shared_checkpoint(args.model, args.seed, cache)), cache)
+        vocab = BloomConfig.from_json(directory / "config.json").vocab_size
+        setting = Setting(directory, args.dtype, args.quant, args.threads, args.max_batch_size,
+                          args.input_len + args.output_len, cache)
+        meta |= {"model": args.model, "dtype": args.dtype, "quant": args.quant, "threads": args.threads,
+                 "max_batch_size": args.max_batch_size}
+        servers = {name: functools.partial(started, name, setting) for name in ["ours", *args.compare]}
+    rows = measure(servers, Load(rates, args.num_prompts, args.input_len, args.output_len,
+                                 args.max_concurrency, vocab, args.seed), output, meta)
+    columns = ["server", "load", "completed", "failed", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
+               "median_tpot_ms", "p99_tpot_ms", "p99_itl_ms"]
+    import pandas as pd
+
+    print(pd.DataFrame(rows).reindex(columns=columns).to_string(index=False, float_format="%.1f"))
+    for verdict in verdicts(rows):
+        print(f"vs {verdict['peer']} at rate {verdict['at_rate']}: output throughput "
+              f"{verdict['output_throughput_ratio']:.2f}x, p99 TTFT {verdict['p99_ttft_ratio']:.2f}x"
+              + ("" if verdict["reached_2x"] else " (its p99 TPOT never reached 2x its batch-1 TPOT)"))
+    print(f"results: {output.with_suffix('')}.csv/.json/.png")
+
+
+def _perf_serve_parser(sub) -> None:
+    from .bench.peers import DEFAULT_CACHE
+    from .bench.servers import SERVERS
+
+    perf = sub.add_parser("perf-serve", help="'perf serve': load an OpenAI-compatible server (ours, or "
+                                             "--url), beside llama-server, vLLM and static batching")
+    _runtime_args(perf)
+    perf.add_argument("--url", default=None, help="measure the server at this URL instead of starting ours")
+    perf.add_argument("--compare", nargs="*", default=[], choices=[s for s in SERVERS if s != "ours"])
+    perf.add_argument("--request-rate", nargs="+", default=["inf"],
+                      help="requests per second, Poisson arrivals; 'inf': all at once (default)")
+    perf.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
+    perf.add_argument("--num-prompts", type=int, default=32)
+    perf.add_argument("--input-len", type=int, default=128)
+    perf.add_argument("--output-len", type=int, default=64)
+    perf.add_argument("--max-batch-size", type=int, default=8, help="sequences per step, every server")
+    perf.add_argument("--threads", type=int, default=2, help="CPU threads, every server")
+    perf.add_argument("--vocab-size", type=int, default=250880,
+                      help="with --url: random prompt ids are below it")
+    perf.add_argument("--output", default="perf_serve.json", help="FILE.json or FILE.csv (both, and a PNG)")
+    perf.add_argument("--peer-cache", default=str(DEFAULT_CACHE))
+    perf.add_argument("--seed", type=int, default=0)
+    perf.set_defaults(func=cmd_perf_serve)
 
 
 def _serve_parser(sub) -> None:
@@ -267,6 +339,8 @@ def _serve_parser(sub) -> None:
                        help="most padded prompt tokens prefilled together when requests join")
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="a Jinja chat template, to serve /v1/chat/completions (BLOOM has none)")
+    serve.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                       help="static: admit only into an empty batch (to measure what continuous buys)")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -361,12 +435,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     _serve_parser(sub)
     _perf_parser(sub)
+    _perf_serve_parser(sub)
     _precision_parser(sub)
     _weights_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["perf", "serve"]:  # `perf serve` is its own command with its own options
+        argv = ["perf-serve", *argv[2:]]
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import json
+import os
 import random
+import signal
+import sys
 import time
 
 import httpx
@@ -229,3 +232,64 @@ def _wait_for(condition, timeout: float = 60) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting for the server"
         time.sleep(0.05)
+
+
+def test_under_torchrun_two_ranks_serve_what_one_does(tmp_path, client):
+    """Rank 0 serves and broadcasts each step's plan; rank 1 runs it on its half of the heads."""
+    from bloom_runtime.embedded import TINY_DIR
+    from bloom_runtime.weights import cut_checkpoint
+
+    cut = cut_checkpoint(TINY_DIR, tmp_path / "tiny-cut", tp=2)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "bloom_runtime"]
+    tp2 = ServerProcess("--model", str(cut), "--served-model-name", "tiny", launcher=launcher)
+    try:
+        other = openai.OpenAI(base_url=tp2.url + "/v1", api_key="none", timeout=CLIENT_TIMEOUT_S,
+                              max_retries=0)
+        jobs = [(p, 4 + 3 * i) for i, p in enumerate(PROMPTS)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = [a.choices[0].text for a in pool.map(
+                lambda job: greedy(other, prompt=job[0], max_tokens=job[1]), jobs, timeout=CLIENT_TIMEOUT_S)]
+        assert answers == [greedy(client, prompt=p, max_tokens=m).choices[0].text for p, m in jobs]
+        seeded = dict(prompt=PROMPTS[0], max_tokens=10, temperature=1.2, seed=5)
+        assert other.completions.create(model="tiny", **seeded).choices[0].text == \
+            client.completions.create(model="tiny", **seeded).choices[0].text
+    finally:  # SIGTERM to rank 0, the serving process (torchrun itself ends non-zero on one)
+        os.kill(_rank_0(tp2.process.pid), signal.SIGTERM)
+        assert tp2.process.wait(60) == 0
+
+
+def _rank_0(torchrun: int) -> int:
+    """The pid of torchrun's worker with RANK=0."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as env:
+                if parent == torchrun and b"\0RANK=0\0" in b"\0" + env.read():
+                    return int(entry)
+        except OSError:
+            continue
+    raise AssertionError("no rank 0 under torchrun")
+
+
+def test_chat_completions_render_the_given_template(tmp_path, client):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant:{% endif %}", encoding="utf-8")
+    chat = ServerProcess("--model", "tiny", "--chat-template", str(template))
+    try:
+        talker = openai.OpenAI(base_url=chat.url + "/v1", api_key="none", timeout=CLIENT_TIMEOUT_S,
+                               max_retries=0)
+        messages = [{"role": "user", "content": PROMPTS[0]}]
+        answer = talker.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+        rendered = f"user: {PROMPTS[0]}\nassistant:"
+        expected = greedy(client, prompt=rendered, max_tokens=8).choices[0].text
+        assert answer.choices[0].message.content == expected
+        assert answer.choices[0].message.role == "assistant" and answer.object == "chat.completion"
+        with pytest.raises(openai.BadRequestError, match="messages"):
+            talker.chat.completions.create(model="tiny", messages=[], max_tokens=8)
+    finally:
+        assert chat.stop() == 0

@@ -51,16 +51,10 @@ class LlamaCppRunner:
         except ImportError:
             raise InputError("--compare llamacpp needs llama-cpp-python: run tools/install_llamacpp.sh") \
                 from None
-        ftype = file_type(dtype, quant)
-        kind = ftype.split("_", 1)[1]  # Q8_0, Q4_0, BF16, F16, F32
+        path, kind = gguf_file(directory, cache, dtype, quant, threads)
         built_for = llama_cpp.llama_print_system_info().decode().strip()  # the CPU features it uses
         self.describe = f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) {kind}, batch 1 only; " \
             f"built for: {built_for}"
-        base, path = cache / "gguf-F32" / GGUF, cache / f"gguf-{kind}" / GGUF
-        if not base.is_file():
-            write_gguf(directory, base.parent)
-        if not path.is_file():
-            _quantize(base, path.parent, getattr(llama_cpp, f"LLAMA_FTYPE_{ftype}"), threads)
         self.llm = llama_cpp.Llama(str(path), n_ctx=max_tokens, n_batch=max_tokens, n_ubatch=max_tokens,
                                    n_threads=threads, n_threads_batch=threads, verbose=False)
 
@@ -75,6 +69,21 @@ class LlamaCppRunner:
             if len(times) == seq_out:
                 break
         return times
+
+
+def gguf_file(directory: Path, cache: Path, dtype: str, quant: str | None, threads: int) -> tuple[Path, str]:
+    """The GGUF of `directory` in the llama.cpp type for our run, written once into `cache`, and
+    that type's name (Q8_0, Q4_0, BF16, F16, F32). Quantizing needs llama-cpp-python."""
+    import llama_cpp
+
+    ftype = file_type(dtype, quant)
+    kind = ftype.split("_", 1)[1]
+    base, path = cache / "gguf-F32" / GGUF, cache / f"gguf-{kind}" / GGUF
+    if not base.is_file():
+        write_gguf(directory, base.parent)
+    if not path.is_file():
+        _quantize(base, path.parent, getattr(llama_cpp, f"LLAMA_FTYPE_{ftype}"), threads)
+    return path, kind
 
 
 def write_gguf(directory: Path, target: Path) -> None:

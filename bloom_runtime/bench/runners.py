@@ -119,11 +119,11 @@ def _convert(directory: Path, output: Path, compute_type: str) -> None:
             source = Path(view)
             for file in directory.iterdir():
                 (source / file.name).symlink_to(file.resolve())
-            _placeholder_tokenizer(json.loads((directory / "config.json").read_text())["vocab_size"], source)
+            placeholder_tokenizer(json.loads((directory / "config.json").read_text())["vocab_size"], source)
         TransformersConverter(str(source)).convert(str(staging), quantization=quantization, force=True)
 
 
-def _placeholder_tokenizer(vocab_size: int, directory: Path) -> None:
+def placeholder_tokenizer(vocab_size: int, directory: Path) -> None:
     """A word-level tokenizer naming id i "t{i}": CTranslate2 takes prompts as token strings."""
     from tokenizers import Tokenizer, models
 

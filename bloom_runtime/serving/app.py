@@ -36,12 +36,13 @@ GRACEFUL_SHUTDOWN_S = 60  # running requests get this long to finish after SIGTE
 
 
 def create_app(engine: Engine, model_name: str, max_batch_size: int = 8, max_waiting: int = 64,
-               max_batch_tokens: int = 2048, chat_template: Path | None = None) -> FastAPI:
+               max_batch_tokens: int = 2048, chat_template: Path | None = None, static: bool = False
+               ) -> FastAPI:
     """The app: a scheduler on `engine` (started and stopped with the app's lifespan) and its routes."""
     if engine.tokenizer is None:
         raise InputError("serve needs a model with a tokenizer.json (prompts and answers are text)")
     metrics = Metrics(model_name)
-    scheduler = Scheduler(engine, metrics, max_batch_size, max_waiting, max_batch_tokens)
+    scheduler = Scheduler(engine, metrics, max_batch_size, max_waiting, max_batch_tokens, static)
     template = ChatTemplate.read(chat_template) if chat_template is not None else None
     app = FastAPI(title="bloom-runtime", lifespan=_lifespan(scheduler))
     app.state.scheduler = scheduler

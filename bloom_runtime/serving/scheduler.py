@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -84,7 +85,10 @@ def broadcast(plan: Plan | None) -> Plan:
 
 
 def follow(engine: Engine, rows: int) -> None:
-    """A rank other than 0: run rank 0's plans until it says stop."""
+    """A rank other than 0: run rank 0's plans until it says stop. Ctrl-C and SIGTERM reach every
+    rank; this one leaves the shutdown to rank 0, which finishes the running requests first."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     replica = Replica(engine, rows)
     while not (plan := broadcast(None)).stop:
         replica.run(plan)
@@ -117,8 +121,10 @@ class Scheduler:
     """The loop that owns the running batch (see the module docstring)."""
 
     def __init__(self, engine: Engine, metrics: Metrics, max_batch_size: int, max_waiting: int,
-                 max_batch_tokens: int) -> None:
-        self.engine, self.metrics = engine, metrics
+                 max_batch_tokens: int, static: bool = False) -> None:
+        """`static`: admit only into an empty batch (fixed batches, as `generate` runs them), to
+        measure what continuous batching buys."""
+        self.engine, self.metrics, self.static = engine, metrics, static
         self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
         self.max_batch_tokens = max_batch_tokens
         self.replica = Replica(engine, max_batch_size)
@@ -210,6 +216,8 @@ class Scheduler:
     def _take_admissions(self) -> list[Spec]:
         """Whole requests, first come first served, while rows are free and the prefill's padded
         size (rows x longest prompt) stays within max_batch_tokens (a first request always fits)."""
+        if self.static and self.running:
+            return []
         free = self.max_batch_size - len(self.running)
         taken: list[Spec] = []
         while self.waiting and len(self.waiting[0].specs) <= free:
