@@ -43,9 +43,9 @@ def test_a_run_measures_each_server_and_reports_one_that_will_not_start(tmp_path
     assert built or not os.environ.get("CI"), "CI builds llama-server (tools/install_llama_server.sh)"
     peers = ["static", "vllm"] + ["llama-server"] * built
     out = tmp_path / "serve.json"
-    result = perf_serve("--num-prompts", "6", "--input-len", "16", "--output-len", "6",
-                        "--max-batch-size", "4", "--peer-cache", str(tmp_path / "cache"), "--output", str(out),
-                        "--compare", *peers)
+    load = ["--num-prompts", "6", "--input-len", "16", "--output-len", "6", "--max-batch-size", "4",
+            "--peer-cache", str(tmp_path / "cache")]
+    result = perf_serve(*load, "--output", str(out), "--compare", *peers)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(out.read_text())
     rows = {(r["server"], r["load"]): r for r in payload["results"]}
