@@ -270,8 +270,12 @@ def cmd_perf_serve(args: argparse.Namespace) -> None:
         raise InputError("--request-rate must be > 0 (or inf), --num-prompts and --input-len >= 1, "
                          "--output-len >= 2 (TPOT needs two tokens)")
     output = Path(args.output)
-    meta = {"title": f"perf serve: in={args.input_len} out={args.output_len} n={args.num_prompts}",
-            "input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts}
+    if not 0 <= args.random_range_ratio < 1:
+        raise InputError(f"--random-range-ratio must be in [0, 1), got {args.random_range_ratio}")
+    spread = f" ±{args.random_range_ratio:.0%}" if args.random_range_ratio else ""
+    meta = {"title": f"perf serve: in={args.input_len} out={args.output_len}{spread} n={args.num_prompts}",
+            "input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
+            "random_range_ratio": args.random_range_ratio}
     if args.url:
         model = httpx.get(args.url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]["id"]
         given = Running("url", args.url.rstrip("/"), model, args.url)
@@ -281,13 +285,15 @@ def cmd_perf_serve(args: argparse.Namespace) -> None:
         cache = Path(args.peer_cache)
         directory = servable(Path(shared_checkpoint(args.model, args.seed, cache)), cache)
         vocab = BloomConfig.from_json(directory / "config.json").vocab_size
-        setting = Setting(directory, args.dtype, args.quant, args.threads, args.max_batch_size,
-                          args.input_len + args.output_len, cache)
+        longest = round((args.input_len + args.output_len) * (1 + args.random_range_ratio)) + 1
+        setting = Setting(directory, args.dtype, args.quant, args.threads, args.max_batch_size, longest,
+                          cache)
         meta |= {"model": args.model, "dtype": args.dtype, "quant": args.quant, "threads": args.threads,
                  "max_batch_size": args.max_batch_size}
         servers = {name: functools.partial(started, name, setting) for name in ["ours", *args.compare]}
-    rows = measure(servers, Load(rates, args.num_prompts, args.input_len, args.output_len,
-                                 args.max_concurrency, vocab, args.seed), output, meta)
+    load = Load(rates, args.num_prompts, args.input_len, args.output_len, args.max_concurrency, vocab,
+                args.seed, args.random_range_ratio)
+    rows = measure(servers, load, output, meta)
     columns = ["server", "load", "completed", "failed", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
                "median_tpot_ms", "p99_tpot_ms", "p99_itl_ms"]
     import pandas as pd
@@ -315,6 +321,8 @@ def _perf_serve_parser(sub) -> None:
     perf.add_argument("--num-prompts", type=int, default=32)
     perf.add_argument("--input-len", type=int, default=128)
     perf.add_argument("--output-len", type=int, default=64)
+    perf.add_argument("--random-range-ratio", type=float, default=0.0,
+                      help="lengths uniform in [L(1-r), L(1+r)] (vLLM's option; 0: all exactly L)")
     perf.add_argument("--max-batch-size", type=int, default=8, help="sequences per step, every server")
     perf.add_argument("--threads", type=int, default=2, help="CPU threads, every server")
     perf.add_argument("--vocab-size", type=int, default=250880,

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from bloom_runtime.bench.serve_load import Outcome, summary
+from bloom_runtime.bench.serve_load import Outcome, random_jobs, summary
 
 pytestmark = pytest.mark.perf
 
@@ -62,3 +62,12 @@ def test_a_run_measures_each_server_and_reports_one_that_will_not_start(tmp_path
 def test_a_bad_load_is_one_line_and_status_2(tmp_path):
     result = perf_serve("--request-rate", "0", "--output", str(tmp_path / "x.json"))
     assert result.returncode == 2 and "--request-rate" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_random_jobs_spread_lengths_as_vllms_range_ratio():
+    fixed = random_jobs(20, 16, 8, vocab_size=100, seed=1)
+    assert {len(j.prompt) for j in fixed} == {16} and {j.output_len for j in fixed} == {8}
+    spread = random_jobs(400, 100, 50, vocab_size=100, seed=1, range_ratio=0.5)
+    inputs, outputs = [len(j.prompt) for j in spread], [j.output_len for j in spread]
+    assert min(inputs) >= 50 and max(inputs) <= 150 and max(inputs) - min(inputs) > 80
+    assert min(outputs) >= 25 and max(outputs) <= 75 and all(4 <= t < 100 for j in spread for t in j.prompt)

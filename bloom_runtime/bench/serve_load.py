@@ -1,7 +1,8 @@
 """A load generator for any OpenAI-compatible completions server, measured as `vllm bench serve`
-measures: random token-id prompts of a given length, `ignore_eos` so every request makes exactly
-`output_len` tokens, Poisson arrivals at a request rate (or all at once under a concurrency
-cap), every response streamed, and vLLM's figures from the client's clock.
+measures: random token-id prompts, lengths L or drawn in [L(1-r), L(1+r)] (vLLM's
+`--random-range-ratio` r), `ignore_eos` so every request makes exactly the tokens it asks for,
+Poisson arrivals at a request rate (or all at once under a concurrency cap), every response
+streamed, and vLLM's figures from the client's clock.
 
 Bounded: `num_prompts` requests, each with a timeout; a request that fails or times out is
 counted as failed, never waited on forever.
@@ -35,10 +36,23 @@ class Outcome:
     error: str = ""
 
 
-def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
-    """`count` prompts of `length` random ids (avoiding the first 4, BLOOM's special tokens)."""
+@dataclasses.dataclass(frozen=True)
+class Job:
+    prompt: list[int]
+    output_len: int
+
+
+def random_jobs(count: int, input_len: int, output_len: int, vocab_size: int, seed: int,
+                range_ratio: float = 0.0) -> list[Job]:
+    """`count` requests of random ids (avoiding the first 4, BLOOM's special tokens), input and
+    output lengths uniform in [L(1-r), L(1+r)] (at least 1 and 2), as vLLM's random dataset."""
     rng = random.Random(seed)
-    return [[rng.randrange(4, vocab_size) for _ in range(length)] for _ in range(count)]
+
+    def length(mean: int, least: int) -> int:
+        return max(least, rng.randint(round(mean * (1 - range_ratio)), round(mean * (1 + range_ratio))))
+
+    return [Job([rng.randrange(4, vocab_size) for _ in range(length(input_len, 1))], length(output_len, 2))
+            for _ in range(count)]
 
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], output_len: int
@@ -78,31 +92,31 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
     return outcome
 
 
-async def _run(url: str, model: str, prompts: list[list[int]], output_len: int, rate: float,
-               max_concurrency: int | None, seed: int) -> tuple[list[Outcome], float]:
+async def _run(url: str, model: str, jobs: list[Job], rate: float, max_concurrency: int | None,
+               seed: int) -> tuple[list[Outcome], float]:
     rng = random.Random(seed)
-    gate = asyncio.Semaphore(max_concurrency or len(prompts))
-    limits = httpx.Limits(max_connections=max_concurrency or len(prompts))
+    gate = asyncio.Semaphore(max_concurrency or len(jobs))
+    limits = httpx.Limits(max_connections=max_concurrency or len(jobs))
 
-    async def send(client: httpx.AsyncClient, prompt: list[int]) -> Outcome:
+    async def send(client: httpx.AsyncClient, job: Job) -> Outcome:
         async with gate:
-            return await _one(client, url, model, prompt, output_len)
+            return await _one(client, url, model, job.prompt, job.output_len)
 
     async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S) as client:
         start = time.perf_counter()
         tasks = []
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(send(client, prompt)))
+        for job in jobs:
+            tasks.append(asyncio.create_task(send(client, job)))
             if math.isfinite(rate):
                 await asyncio.sleep(rng.expovariate(rate))  # Poisson arrivals
         outcomes = await asyncio.gather(*tasks)
         return list(outcomes), time.perf_counter() - start
 
 
-def run_load(url: str, model: str, prompts: list[list[int]], output_len: int, rate: float = math.inf,
+def run_load(url: str, model: str, jobs: list[Job], rate: float = math.inf,
              max_concurrency: int | None = None, seed: int = 0) -> dict:
-    """Send every prompt to `url` at `rate` requests/s (inf: all at once) and summarise."""
-    outcomes, duration = asyncio.run(_run(url, model, prompts, output_len, rate, max_concurrency, seed))
+    """Send every job to `url` at `rate` requests/s (inf: all at once) and summarise."""
+    outcomes, duration = asyncio.run(_run(url, model, jobs, rate, max_concurrency, seed))
     return summary(outcomes, duration) | {"request_rate": rate, "max_concurrency": max_concurrency}
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .. import files
 from ..files import replace_atomically
 from ..plotting import pyplot
-from .serve_load import random_prompts, run_load
+from .serve_load import Job, random_jobs, run_load
 from .servers import Running
 
 BASELINE_PROMPTS = 4
@@ -35,25 +35,26 @@ class Load:
     max_concurrency: int | None
     vocab_size: int
     seed: int = 0
+    range_ratio: float = 0.0
 
 
 def measure(servers: dict[str, Callable[[], AbstractContextManager[Running]]], load: Load, output: Path,
             meta: dict) -> list[dict]:
     """Every server (by name: what starts it) under `load`; rows written to `output` (.csv, .json,
     .png) as they are measured."""
-    prompts = random_prompts(load.num_prompts, load.input_len, load.vocab_size, load.seed)
+    jobs = random_jobs(load.num_prompts, load.input_len, load.output_len, load.vocab_size, load.seed,
+                       load.range_ratio)
     rows: list[dict] = []
     steps = tqdm(total=len(servers) * (1 + len(load.rates)), desc="perf serve", unit="load")
     for name, start in servers.items():
         try:
             with start() as server:
                 meta.setdefault("servers", {})[name] = server.describe
-                run_load(server.url, server.model, prompts[:1], 4)  # warm up: first calls allocate
-                runs = [("batch-1", prompts[:BASELINE_PROMPTS], math.inf, 1)]
-                runs += [(f"{rate:g}", prompts, rate, load.max_concurrency) for rate in load.rates]
+                run_load(server.url, server.model, [Job(jobs[0].prompt, 4)])  # warm up: first calls allocate
+                runs = [("batch-1", jobs[:BASELINE_PROMPTS], math.inf, 1)]
+                runs += [(f"{rate:g}", jobs, rate, load.max_concurrency) for rate in load.rates]
                 for label, chosen, rate, concurrency in runs:
-                    result = run_load(server.url, server.model, chosen, load.output_len, rate, concurrency,
-                                      load.seed)
+                    result = run_load(server.url, server.model, chosen, rate, concurrency, load.seed)
                     rows.append({"server": name, "load": label, **result})
                     steps.update()
                     export(rows, meta, output)
@@ -109,7 +110,8 @@ def _plot(df: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_xlabel("p99 time per output token (ms)")
     ax.set_ylabel("output throughput (tokens/s)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if not measured.empty:
+        ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

@@ -12,6 +12,7 @@ import asyncio
 import json
 import signal
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,6 @@ def create_app(engine: Engine, model_name: str, max_batch_size: int = 8, max_wai
 
 
 def _lifespan(scheduler: Scheduler):
-    from contextlib import asynccontextmanager
-
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         scheduler.start()

@@ -105,7 +105,7 @@ class Ticket:
         self.first_token: float | None = None
         self.cancelled = False
         self.error: str | None = None
-        self._token_times: dict[int, float] = {}
+        self.token_times: dict[int, float] = {}  # by sequence key: when its last token came
 
     @property
     def done(self) -> bool:
@@ -261,10 +261,10 @@ class Scheduler:
         if ticket.first_token is None:
             ticket.first_token = now
             self.metrics.ttft.observe(now - ticket.arrived)
-        previous = ticket._token_times.get(key)
+        previous = ticket.token_times.get(key)
         if previous is not None:
             self.metrics.itl.observe(now - previous)
-        ticket._token_times[key] = now
+        ticket.token_times[key] = now
 
     def _fail(self, reason: str) -> None:
         with self.wake:
