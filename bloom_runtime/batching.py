@@ -26,7 +26,7 @@ import torch
 
 from .errors import InputError
 from .kv_cache import KVCache
-from .model import Bloom
+from .model import Bloom, Segment
 from .sampling import GenerationConfig, next_token
 from .tokenizer import left_pad
 
@@ -116,6 +116,38 @@ class Batch:
     def admit(self, group: list[Sequence]) -> None:
         """Prefill `group` together (left-padded among themselves), choose each one's first token,
         and join the running rows. Those already finished (one token, or a stop) leave at once."""
+        first = len(self.sequences)
+        segment = self._place(group, after_step=False)
+        logits = self.model(segment.input_ids, segment.mask, segment.cache, 0, last_only=True)[:, -1]
+        self._join(group)
+        self._advance(first, logits)
+
+    @torch.inference_mode()
+    def step(self, admitting: list[Sequence] = ()) -> list[Sequence]:
+        """One decode step for every running sequence; returns them (each has one more token).
+
+        With `admitting`, that group's prefill runs in the same forward (one read of the weights
+        for both, where `admit` then `step` reads them twice) and it joins as `admit` would."""
+        running, group = list(self.sequences), list(admitting)
+        if not running:
+            if group:
+                self.admit(group)
+            return running
+        self._make_room()
+        joining = [self._place(group, after_step=True)] if group else []
+        n, end = len(running), self.end
+        self.mask[:n, end] = 1
+        decode = Segment(self.last[:n, None], self.mask[:n, : end + 1], self.cache.view(slice(0, n), 0), end)
+        logits = self.model.forward_segments([decode, *joining], last_only=True)
+        self.end += 1
+        self.lengths = [length + 1 for length in self.lengths]
+        self._join(group)
+        self._advance(0, torch.cat([part[:, -1] for part in logits]))
+        return running
+
+    def _place(self, group: list[Sequence], after_step: bool) -> Segment:
+        """Make room for `group` in the free rows, its prompts ending where the running rows' tokens
+        end (after this step's, when it joins a step), and the segment that prefills it there."""
         if not 0 < len(group) <= self.free_rows:
             raise InputError(f"cannot admit {len(group)} sequences: {self.free_rows} rows are free")
         for seq in group:
@@ -123,35 +155,24 @@ class Batch:
                 raise InputError(f"prompt of {len(seq.prompt)} tokens + {seq.config.max_new_tokens} new "
                                  f"tokens exceeds the maximum sequence length {self.max_len}")
         width = max(len(seq.prompt) for seq in group)
-        if width > self.end:
-            self._shift_right(width - self.end)
-        first, rows = len(self.sequences), slice(len(self.sequences), len(self.sequences) + len(group))
-        offset = self.end - width
+        ends = self.end + after_step
+        if width > ends:
+            self._shift_right(width - ends)
+            ends = width
+        self._grow(ends)  # joining a step: its column too
+        rows = slice(len(self.sequences), len(self.sequences) + len(group))
+        offset = ends - width
         ids, mask = left_pad([seq.prompt for seq in group], 0)
         ids, mask = ids.to(self.mask.device), mask.to(self.mask.device)
         self.cache.clear(rows, slice(0, offset))
         self.mask[rows] = 0
-        self.mask[rows, offset:self.end] = mask
-        logits = self.model(ids, mask, self.cache.view(rows, offset), 0, last_only=True)[:, -1]
+        self.mask[rows, offset:ends] = mask
+        return Segment(ids, mask, self.cache.view(rows, offset), 0)
+
+    def _join(self, group: list[Sequence]) -> None:
+        """The prefilled `group` becomes rows of the batch, after the running ones."""
         self.sequences += group
         self.lengths += [len(seq.prompt) for seq in group]
-        self._advance(first, logits)
-
-    @torch.inference_mode()
-    def step(self) -> list[Sequence]:
-        """One decode step for every running sequence; returns them (each has one more token)."""
-        running = list(self.sequences)
-        if not running:
-            return running
-        self._make_room()
-        n, end = len(running), self.end
-        self.mask[:n, end] = 1
-        logits = self.model(self.last[:n, None], self.mask[:n, : end + 1], self.cache.view(slice(0, n), 0),
-                            end, last_only=True)[:, -1]
-        self.end += 1
-        self.lengths = [length + 1 for length in self.lengths]
-        self._advance(0, logits)
-        return running
 
     @torch.inference_mode()
     def evict(self, seq: Sequence, reason: str = CANCELLED) -> None:

@@ -8,7 +8,8 @@ Numerics follow `transformers`' `modeling_bloom.py`: ALiBi with the interleaved
 extra slopes for head counts that are not a power of two, positions taken from
 the attention mask so left padding changes nothing, softmax in float32. One
 attention bias (ALiBi + causal + padding) is built per forward and shared by
-all layers; attention itself is `scaled_dot_product_attention`.
+all layers; attention itself is `scaled_dot_product_attention`. A forward may carry several
+`Segment`s (a decode step and a prefill) whose tokens share every weight read.
 
 This module is the one place that names BLOOM's modules. Each linear says how
 tensor parallelism splits it (`split`: "column" or "row"), and each module with
@@ -18,6 +19,7 @@ loading, quantization and sharding find everything by walking the model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -98,6 +100,26 @@ def dense_problem(weight: torch.Tensor, copies: bool) -> Problem | None:
     return Problem.of("dense16", *weight.shape, weight.device, weight.dtype, copies=copies)
 
 
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Rows that run through one forward together with the same query length and start: the
+    decoding rows of a batch, or a group being prefilled. One forward can take several, so a
+    decode step and an admission's prefill share every weight read (see `Bloom.forward_segments`).
+
+    `input_ids` [B, S] sit at positions `start:start+S` of `mask` [B, start+S]; `cache`, when
+    given, holds the earlier positions' keys/values and receives the new ones.
+    """
+
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    cache: KVCache | None = None
+    start: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.numel()
+
+
 class Attention(nn.Module):
     def __init__(self, config: BloomConfig) -> None:
         super().__init__()
@@ -106,23 +128,28 @@ class Attention(nn.Module):
         self.query_key_value = Linear(h, 3 * h, "column")
         self.dense = Linear(h, h, "row")
 
-    def forward(
-        self, x: torch.Tensor, bias: torch.Tensor, cache: KVCache | None, layer: int, start: int
-    ) -> torch.Tensor:
-        batch, q_len, _ = x.shape
-        # Hugging Face lays the fused projection out per head as [n_head, 3, head_dim]; the
-        # head count is this rank's (all heads on one device).
-        qkv = self.query_key_value(x).view(batch, q_len, -1, 3, self.head_dim)
-        q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))  # [B, H, S, D]
-        if cache is not None:
-            k, v = cache.update(layer, start, k, v)
-        if q.dtype == torch.float16:
-            # float16 q.k overflows on long inputs: score and softmax in float32.
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
-            out = out.to(torch.float16)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.dense(out.transpose(1, 2).reshape(batch, q_len, -1))
+    def forward(self, x: torch.Tensor, segments: list[Segment], biases: list[torch.Tensor], layer: int
+                ) -> torch.Tensor:
+        """`x` [tokens, hidden]: every segment's tokens, row by row; attention within each segment."""
+        qkv = self.query_key_value(x)
+        outs, first = [], 0
+        for segment, bias in zip(segments, biases):
+            batch, q_len = segment.input_ids.shape
+            # Hugging Face lays the fused projection out per head as [n_head, 3, head_dim]; the
+            # head count is this rank's (all heads on one device).
+            part = qkv[first:first + segment.tokens].view(batch, q_len, -1, 3, self.head_dim)
+            first += segment.tokens
+            q, k, v = (part[..., i, :].transpose(1, 2) for i in range(3))  # [B, H, S, D]
+            if segment.cache is not None:
+                k, v = segment.cache.update(layer, segment.start, k, v)
+            if q.dtype == torch.float16:
+                # float16 q.k overflows on long inputs: score and softmax in float32.
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
+                out = out.to(torch.float16)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            outs.append(out.transpose(1, 2).reshape(segment.tokens, -1))
+        return self.dense(outs[0] if len(outs) == 1 else torch.cat(outs))
 
 
 class MLP(nn.Module):
@@ -146,12 +173,11 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.residual_after_norm = config.apply_residual_connection_post_layernorm
 
-    def forward(
-        self, x: torch.Tensor, bias: torch.Tensor, cache: KVCache | None, layer: int, start: int
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: list[Segment], biases: list[torch.Tensor], layer: int
+                ) -> torch.Tensor:
         normed = self.input_layernorm(x)
         residual = normed if self.residual_after_norm else x
-        x = residual + self.self_attention(normed, bias, cache, layer, start)
+        x = residual + self.self_attention(normed, segments, biases, layer)
         normed = self.post_attention_layernorm(x)
         residual = normed if self.residual_after_norm else x
         return residual + self.mlp(normed)
@@ -240,12 +266,32 @@ class Bloom(nn.Module):
         ones are written to it. `last_only` computes the head for the last
         position alone, which is all that generation needs.
         """
-        x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+        return self.forward_segments([Segment(input_ids, mask, cache, start)], last_only)[0]
+
+    def forward_segments(self, segments: list[Segment], last_only: bool = False) -> list[torch.Tensor]:
+        """Logits [B, S or 1, V] for each segment, all segments' tokens through one pass of the weights.
+
+        Layer norms, linears and the MLP see every token at once ([tokens, hidden] rows); attention
+        runs per segment with its own bias and cache. A decode step joined with a prefill reads
+        the weights once for both, where two forwards read them twice.
+        """
+        ids = torch.cat([s.input_ids.reshape(-1) for s in segments]) if len(segments) > 1 \
+            else segments[0].input_ids.reshape(-1)
+        x = self.word_embeddings_layernorm(self.word_embeddings(ids))
         # float16 attention runs in float32 (see Attention), so its bias does too.
         bias_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
-        bias = attention_bias(self.slopes, mask, start, input_ids.shape[1], bias_dtype)
+        biases = [attention_bias(self.slopes, s.mask, s.start, s.input_ids.shape[1], bias_dtype)
+                  for s in segments]
         for layer, block in enumerate(self.h):
-            x = block(x, bias, cache, layer, start)
-        if last_only:
-            x = x[:, -1:]
-        return self.word_embeddings.logits(self.ln_f(x))
+            x = block(x, segments, biases, layer)
+        outs, first = [], 0
+        for segment in segments:
+            batch, q_len = segment.input_ids.shape
+            rows = x[first:first + segment.tokens].view(batch, q_len, -1)
+            first += segment.tokens
+            outs.append(rows[:, -1:] if last_only else rows)
+        if len(outs) == 1:
+            return [self.word_embeddings.logits(self.ln_f(outs[0]))]
+        sizes = [o.shape[0] * o.shape[1] for o in outs]
+        logits = self.word_embeddings.logits(self.ln_f(torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])))
+        return [part.view(o.shape[0], o.shape[1], -1) for part, o in zip(logits.split(sizes), outs)]

@@ -1,8 +1,8 @@
 """The batching core: a sequence's tokens do not depend on what it was batched with.
 
 Every schedule hypothesis draws (sequences arriving at any step, prefilled alone or together,
-beside others of any prompt and output lengths, some cancelled at any time) must give each
-sequence the tokens it gets alone:
+before a step or inside its forward, beside others of any prompt and output lengths, some
+cancelled at any time) must give each sequence the tokens it gets alone:
 - float32: greedy and seeded sampling, identical tokens and finish reasons;
 - bfloat16 and W8A8: identical up to the first token where the lone run's two most likely
   tokens are within TIE of each other (rounding may pick either), and, before it, each
@@ -50,6 +50,7 @@ class Request:
     seed: int | None
     arrival: int  # the step before which it is admitted
     together: bool  # prefilled with the others arriving at that step, or alone
+    fused: bool  # prefilled inside that step's forward (batch.step(admitting=...)), or before it
     cancel_after: int | None  # evicted once it has this many tokens
 
 
@@ -62,7 +63,7 @@ def requests(draw) -> Request:
                               eos_token_id=draw(st.sampled_from([None, 7])), logprobs=2)
     cancel = draw(st.one_of(st.none(), st.integers(1, max_new)))
     return Request(prompt, config, draw(st.integers(0, 2**31)) if sample else None,
-                   draw(st.integers(0, 8)), draw(st.booleans()), cancel)
+                   draw(st.integers(0, 8)), draw(st.booleans()), draw(st.booleans()), cancel)
 
 
 def alone(engine: br.Engine, request: Request) -> Sequence:
@@ -80,15 +81,15 @@ def scheduled(engine: br.Engine, schedule: list[Request]) -> list[Sequence]:
     seqs = [engine.sequence(list(r.prompt), r.config, r.seed) for r in schedule]
     for step in range(200):
         arriving = [(r, s) for r, s in zip(schedule, seqs) if r.arrival == step]
-        together = [s for r, s in arriving if r.together]
-        for group in [together] * bool(together) + [[s] for r, s in arriving if not r.together]:
+        together = [s for r, s in arriving if r.together and not r.fused]
+        for group in [together] * bool(together) + [[s] for r, s in arriving if not (r.together or r.fused)]:
             batch.admit(group)
         for r, s in zip(schedule, seqs):
             if s in batch.sequences and r.cancel_after is not None and len(s.tokens) >= r.cancel_after:
                 batch.evict(s)
         if step > max(r.arrival for r in schedule) and not batch.sequences:
             return seqs
-        batch.step()
+        batch.step(admitting=[s for r, s in arriving if r.fused])
     raise AssertionError("the schedule did not finish in 200 steps")
 
 
@@ -159,11 +160,11 @@ def test_stop_strings_and_ids_end_a_sequence_and_are_left_out():
         batch.step()
     stop_id = free.tokens[3]
     config = GenerationConfig(max_new_tokens=12, stop_token_ids=(stop_id,))
-    by_id = alone(engine, Request(tuple(prompt), config, None, 0, True, None))
+    by_id = alone(engine, Request(tuple(prompt), config, None, 0, True, False, None))
     assert by_id.tokens == free.tokens[:4] and by_id.finish_reason == "stop"
     assert by_id.text == engine.tokenizer.decode(free.tokens[:3])
     stop_text = free.text[len(free.text) // 2:][:2]
     by_text = alone(engine, Request(tuple(prompt), GenerationConfig(max_new_tokens=12, stop=(stop_text,)),
-                                    None, 0, True, None))
+                                    None, 0, True, False, None))
     assert by_text.finish_reason == "stop" and by_text.text == free.text[:free.text.find(stop_text)]
     assert free.finish_reason == "length"

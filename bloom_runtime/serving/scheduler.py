@@ -57,20 +57,18 @@ class Replica:
         self.sequences: dict[int, Sequence] = {}
 
     def run(self, plan: Plan) -> tuple[list[tuple[int, Sequence]], list[tuple[int, Sequence]]]:
-        """Evict, admit (one prefill for all), step. Returns (admitted, stepped) as (key, sequence)
-        pairs: each got one token there (an admitted sequence still running gets one in each)."""
+        """Evict, then one forward: the running sequences' decode step joined by the admitted ones'
+        prefill (batching.py). Returns (admitted, stepped) as (key, sequence) pairs, each of which
+        got one token."""
         for key in plan.evict:
             seq = self.sequences.pop(key, None)
             if seq is not None and seq in self.batch.sequences:
                 self.batch.evict(seq)
-        admitted: list[tuple[int, Sequence]] = []
-        if plan.admit:
-            group = [self.engine.sequence(s.prompt, s.config, s.seed) for s in plan.admit]
-            admitted = [(s.key, seq) for s, seq in zip(plan.admit, group)]
-            self.sequences.update(admitted)
-            self.batch.admit(group)
+        group = [self.engine.sequence(s.prompt, s.config, s.seed) for s in plan.admit]
+        admitted = [(s.key, seq) for s, seq in zip(plan.admit, group)]
         keys = {id(seq): key for key, seq in self.sequences.items()}
-        stepped = [(keys[id(seq)], seq) for seq in self.batch.step()]
+        self.sequences.update(admitted)
+        stepped = [(keys[id(seq)], seq) for seq in self.batch.step(admitting=group)]
         for key, seq in admitted + stepped:
             if seq.done:
                 self.sequences.pop(key, None)
