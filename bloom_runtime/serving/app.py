@@ -68,31 +68,31 @@ def create_app(engine: Engine, model_name: str, max_batch_size: int = 8, max_wai
                 "max_model_len": engine.max_seq_len}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
+    async def respond(request: Request, chat: bool) -> Response:
         try:
-            completion = protocol.parse_completion(await _json(request), model_name, engine.tokenizer,
-                                                   engine.config.vocab_size, engine.max_seq_len,
-                                                   engine.config.eos_token_id)
-            return await _answer(request, scheduler, engine, completion, chat=False)
-        except APIError as err:
-            metrics.failure("queue_full" if err.status == 429 else "bad_request")
-            return _error(err)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        try:
-            if template is None:
-                raise APIError(400, "this model has no chat template (BLOOM has none): start the server "
-                                    "with --chat-template FILE to use chat completions", "messages")
-            body = template.completion_body(await _json(request))
+            body = await _json(request)
+            if chat:
+                if template is None:
+                    raise APIError(400, "this model has no chat template (BLOOM has none): start the "
+                                        "server with --chat-template FILE to use chat completions",
+                                   "messages")
+                body = template.completion_body(body)
             completion = protocol.parse_completion(body, model_name, engine.tokenizer,
                                                    engine.config.vocab_size, engine.max_seq_len,
                                                    engine.config.eos_token_id)
-            return await _answer(request, scheduler, engine, completion, chat=True)
+            return await _answer(request, scheduler, engine, completion, chat)
         except APIError as err:
-            metrics.failure("queue_full" if err.status == 429 else "bad_request")
+            if err.status < 500:  # the scheduler counts its own failures
+                metrics.failure("queue_full" if err.status == 429 else "bad_request")
             return _error(err)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await respond(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await respond(request, chat=True)
 
     return app
 
