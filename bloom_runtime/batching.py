@@ -8,8 +8,9 @@ Rows are right-aligned in one `KVCache` (fixed slots, per-row masks): every row'
 at column `end`, so a decode step feeds one token per row at one position, and BLOOM's
 ALiBi bias, which depends only on the mask and on the distance between indices, is exact
 for every row without per-row positions (model.attention_bias). Newly admitted rows are
-prefilled together, straight into the free rows at the columns that end at `end`; a prompt
-longer than `end` first moves the running rows right. A leaving row's slot takes the last
+prefilled together, straight into the free rows at the columns that end at `end` (or, joining
+a step, inside that step's forward: one read of the weights for the decode and the prefill);
+a prompt longer than `end` first moves the running rows right. A leaving row's slot takes the last
 row (one row copied), and when every row starts well after column 0, the columns before them
 are dropped (one copy, at most once per halving), so no step's cost grows with rows that left.
 
