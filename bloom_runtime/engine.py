@@ -102,12 +102,15 @@ class Engine:
         config = (generation_config or GenerationConfig()).updated(**settings)
         ids, mask = self._check_inputs(input_ids, attention_mask, extra=config.max_new_tokens)
         prompts = [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
-        return self._steps([self.sequence(p, config, seed) for p, seed in
+        return self._steps([self.sequence(p, config, seed, text=False) for p, seed in
                             zip(prompts, self.seeds(config, len(prompts)))])
 
-    def sequence(self, prompt: list[int], config: GenerationConfig, seed: int | None) -> Sequence:
-        """A sequence to admit to a `batch()` of this engine (decoding text when it has a tokenizer)."""
-        decode = self.tokenizer.decode if self.tokenizer is not None else None
+    def sequence(self, prompt: list[int], config: GenerationConfig, seed: int | None, text: bool = True
+                 ) -> Sequence:
+        """A sequence to admit to a `batch()` of this engine, following its text when `text` and the
+        engine has a tokenizer (stop strings need it; token-only generation should not pay for
+        re-decoding every step)."""
+        decode = self.tokenizer.decode if self.tokenizer is not None and (text or config.stop) else None
         return Sequence.start(prompt, config, seed, self.device, decode)
 
     def seeds(self, config: GenerationConfig, count: int) -> list[int | None]:

@@ -9,7 +9,8 @@ import sys
 import time
 
 import httpx
-from spawn_ranks import free_port
+
+from bloom_runtime.bench.servers import free_port
 
 START_TIMEOUT_S = 180
 

@@ -10,16 +10,11 @@ that fails for that reason is started again on a new port.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bloom_runtime.bench.servers import free_port
 
 
 def _entry(rank: int, world: int, port: int, fn, args, results) -> None:

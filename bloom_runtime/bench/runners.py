@@ -117,10 +117,16 @@ def _convert(directory: Path, output: Path, compute_type: str) -> None:
         source = directory
         if not (directory / TOKENIZER_FILE).is_file():
             source = Path(view)
-            for file in directory.iterdir():
-                (source / file.name).symlink_to(file.resolve())
-            placeholder_tokenizer(json.loads((directory / "config.json").read_text())["vocab_size"], source)
+            link_with_placeholder_tokenizer(directory, source)
         TransformersConverter(str(source)).convert(str(staging), quantization=quantization, force=True)
+
+
+def link_with_placeholder_tokenizer(directory: Path, target: Path) -> None:
+    """`target` (an empty directory) as `directory`'s files, linked, plus a placeholder tokenizer:
+    what a peer that needs a tokenizer loads for a checkpoint that has none (a random preset)."""
+    for file in directory.iterdir():
+        (target / file.name).symlink_to(file.resolve())
+    placeholder_tokenizer(json.loads((directory / "config.json").read_text())["vocab_size"], target)
 
 
 def placeholder_tokenizer(vocab_size: int, directory: Path) -> None:

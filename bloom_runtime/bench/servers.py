@@ -168,16 +168,12 @@ def servable(directory: Path, cache: Path) -> Path:
     latency suite's peers use: every server needs one, a random preset has none."""
     if (directory / TOKENIZER_FILE).is_file():
         return directory
-    import json
-
     from ..files import staged_output
     from .peers import fingerprint
-    from .runners import placeholder_tokenizer
+    from .runners import link_with_placeholder_tokenizer
 
     target = cache / fingerprint(directory) / "servable"
     if not (target / TOKENIZER_FILE).is_file():
         with staged_output(target, [directory], force=True) as staging:
-            for file in directory.iterdir():
-                (staging / file.name).symlink_to(file.resolve())
-            placeholder_tokenizer(json.loads((directory / "config.json").read_text())["vocab_size"], staging)
+            link_with_placeholder_tokenizer(directory, staging)
     return target
