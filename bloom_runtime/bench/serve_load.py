@@ -96,7 +96,9 @@ async def _run(url: str, model: str, jobs: list[Job], rate: float, max_concurren
                seed: int) -> tuple[list[Outcome], float]:
     rng = random.Random(seed)
     gate = asyncio.Semaphore(max_concurrency or len(jobs))
-    limits = httpx.Limits(max_connections=max_concurrency or len(jobs))
+    # A connection per request: llama-server closes idle keep-alive connections, and a request
+    # sent on one it has just closed fails with "Server disconnected" (seen under CI).
+    limits = httpx.Limits(max_connections=max_concurrency or len(jobs), max_keepalive_connections=0)
 
     async def send(client: httpx.AsyncClient, job: Job) -> Outcome:
         async with gate:
