@@ -16,22 +16,24 @@ are dropped (one copy, at most once per halving), so no step's cost grows with r
 
 Every sequence has its own settings and, when sampling, its own generator, and each row's
 arithmetic is its own, so a sequence's tokens do not depend on what it was batched with.
+Each `admit` and `step` returns an immutable `Output` per sequence it moved (token,
+log-probabilities, finish reason): what a reader in another thread gets, never the live
+`Sequence`. A sequence whose token cannot be chosen fails alone; the batch goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import torch
 
 from .errors import InputError
 from .kv_cache import KVCache
 from .model import Bloom, Segment
-from .sampling import GenerationConfig, next_token
+from .sampling import GenerationConfig, choose
 from .tokenizer import left_pad
 
-STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"  # why a sequence finished
+STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"  # why a sequence finished
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,55 +45,67 @@ class TokenLogprobs:
     top: list[tuple[int, float]]
 
 
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """What one step did to one sequence, as a value that another thread may keep: the token
+    chosen (None when the sequence failed or only scored its prompt), its log-probabilities
+    when asked, why the sequence finished (None: it runs on) and, for a failure, the reason."""
+
+    key: int
+    token: int | None
+    logprobs: TokenLogprobs | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
 @dataclasses.dataclass(eq=False)
 class Sequence:
     """One prompt's generation: its settings, its generator, its tokens and why it finished.
 
-    With `decode` (ids -> text), `text` follows the tokens and stop strings end it; the text
-    excludes the stop string and a final stop token, as OpenAI's API returns it.
+    The core works in tokens: EOS, stop token ids and the length end a sequence here; stop
+    strings are text, which whoever reads the outputs follows (detokenize.py) and ends by
+    evicting the sequence. `key` names the sequence in its outputs.
     """
 
     prompt: list[int]
     config: GenerationConfig
     generator: torch.Generator | None = None
-    decode: Callable[[list[int]], str] | None = None
+    key: int = 0
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
-    text: str = ""
     finish_reason: str | None = None
+    error: str | None = None
 
     @classmethod
     def start(cls, prompt: list[int], config: GenerationConfig, seed: int | None, device: torch.device,
-              decode: Callable[[list[int]], str] | None = None) -> Sequence:
+              key: int = 0) -> Sequence:
         """A sequence with its own generator when it samples (seeded, or from a fresh random seed)."""
-        if config.stop and decode is None:
-            raise InputError("stop strings need a tokenizer: this model has no tokenizer.json")
         generator = None
         if config.do_sample:
             generator = torch.Generator(device=device)
             generator.manual_seed(seed) if seed is not None else generator.seed()
-        return cls(list(prompt), config, generator, decode)
+        return cls(list(prompt), config, generator, key)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def add(self, token: int, logprobs: TokenLogprobs | None) -> None:
+    def add(self, token: int, logprobs: TokenLogprobs | None) -> Output:
         """Append a chosen token and finish if it ends the sequence."""
         self.tokens.append(token)
         if logprobs is not None:
             self.logprobs.append(logprobs)
         config = self.config
-        stopped = token == config.eos_token_id or token in config.stop_token_ids
-        if self.decode is not None:
-            self.text = self.decode(self.tokens[:-1] if stopped else self.tokens)
-            cut = min((i for i in (self.text.find(s) for s in config.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.text, stopped = self.text[:cut], True
-        if stopped:
+        if token == config.eos_token_id or token in config.stop_token_ids:
             self.finish_reason = STOP
         elif len(self.tokens) >= config.max_new_tokens:
             self.finish_reason = LENGTH
+        return Output(self.key, token, logprobs, self.finish_reason)
+
+    def fail(self, error: str) -> Output:
+        """End the sequence on an error of its own (the batch goes on without it)."""
+        self.finish_reason, self.error = ERROR, error
+        return Output(self.key, None, None, ERROR, error)
 
 
 class Batch:
@@ -114,26 +128,26 @@ class Batch:
         return self.cache.batch - len(self.sequences)
 
     @torch.inference_mode()
-    def admit(self, group: list[Sequence]) -> None:
+    def admit(self, group: list[Sequence]) -> list[Output]:
         """Prefill `group` together (left-padded among themselves), choose each one's first token,
-        and join the running rows. Those already finished (one token, or a stop) leave at once."""
+        and join the running rows; returns their outputs. Those already finished (one token, or a
+        stop) leave at once."""
         first = len(self.sequences)
         segment = self._place(group, after_step=False)
         logits = self.model(segment.input_ids, segment.mask, segment.cache, 0, last_only=True)[:, -1]
         self._join(group)
-        self._advance(first, logits)
+        return self._advance(first, logits)
 
     @torch.inference_mode()
-    def step(self, admitting: list[Sequence] = ()) -> list[Sequence]:
-        """One decode step for every running sequence; returns them (each has one more token).
+    def step(self, admitting: list[Sequence] = ()) -> list[Output]:
+        """One decode step for every running sequence; returns what it did to each (the running
+        sequences' outputs, then the admitted ones').
 
         With `admitting`, that group's prefill runs in the same forward (one read of the weights
         for both, where `admit` then `step` reads them twice) and it joins as `admit` would."""
         running, group = list(self.sequences), list(admitting)
         if not running:
-            if group:
-                self.admit(group)
-            return running
+            return self.admit(group) if group else []
         self._make_room()
         joining = [self._place(group, after_step=True)] if group else []
         n, end = len(running), self.end
@@ -143,8 +157,7 @@ class Batch:
         self.end += 1
         self.lengths = [length + 1 for length in self.lengths]
         self._join(group)
-        self._advance(0, torch.cat([part[:, -1] for part in logits]))
-        return running
+        return self._advance(0, torch.cat([part[:, -1] for part in logits]))
 
     def _place(self, group: list[Sequence], after_step: bool) -> Segment:
         """Make room for `group` in the free rows, its prompts ending where the running rows' tokens
@@ -191,16 +204,19 @@ class Batch:
         if not self.sequences:
             self.end = 0
 
-    def _advance(self, first: int, logits: torch.Tensor) -> None:
+    def _advance(self, first: int, logits: torch.Tensor) -> list[Output]:
         """Give rows `first:` their next token from `logits`, then evict those that finished."""
         seqs = self.sequences[first:]
-        tokens = choose(logits, seqs)
+        tokens, errors = choose(logits, [seq.config for seq in seqs], [seq.generator for seq in seqs])
         self.last[first:first + len(seqs)] = torch.tensor(tokens, device=self.last.device)
-        for seq, token, row_logits in zip(seqs, tokens, logits):
-            seq.add(token, token_logprobs(row_logits, token, seq.config.logprobs))
+        logprobs = token_logprobs(logits, tokens, [None if error else seq.config.logprobs
+                                                   for seq, error in zip(seqs, errors)])
+        outputs = [seq.fail(error) if error else seq.add(token, scored)
+                   for seq, token, error, scored in zip(seqs, tokens, errors, logprobs)]
         for seq in seqs:
             if seq.done:
                 self.evict(seq)
+        return outputs
 
     def _make_room(self) -> None:
         """Make column `end` writable: drop the columns before every row's first token when they
@@ -235,20 +251,20 @@ class Batch:
         self.mask = mask
 
 
-def choose(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """Each row's next token under its own sequence's settings: greedy rows in one call, each
-    sampling row with its own generator."""
-    tokens = logits.max(dim=-1).indices.tolist()
-    for i, seq in enumerate(seqs):
-        if seq.config.do_sample:
-            tokens[i] = int(next_token(logits[i:i + 1], seq.config, seq.generator))
-    return tokens
-
-
-def token_logprobs(logits: torch.Tensor, token: int, top: int | None) -> TokenLogprobs | None:
-    """The chosen token's log-probability and the `top` most likely ones, or None when not asked."""
-    if top is None:
-        return None
-    logprobs = logits.float().log_softmax(dim=-1)
-    values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0].long())
-    return TokenLogprobs(float(logprobs[token]), list(zip(ids.tolist(), values.tolist())))
+def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int | None]
+                   ) -> list[TokenLogprobs | None]:
+    """For each row of `logits` [R, V]: the log-probability of `tokens[i]` and the `tops[i]` most
+    likely tokens with theirs, or None where `tops[i]` is None (not asked). One log-softmax and
+    one top-k over the rows that ask."""
+    asked = [i for i, top in enumerate(tops) if top is not None]
+    out: list[TokenLogprobs | None] = [None] * len(tops)
+    if not asked:
+        return out
+    logprobs = logits[asked].float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in asked], device=logprobs.device))
+    most = max(tops[i] for i in asked)
+    values, ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
+    values, ids, chosen = values.tolist(), ids.tolist(), chosen[:, 0].tolist()
+    for row, i in enumerate(asked):
+        out[i] = TokenLogprobs(chosen[row], list(zip(ids[row][:tops[i]], values[row][:tops[i]])))
+    return out

@@ -238,7 +238,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from .serving.scheduler import follow
     except ImportError as err:
         raise InputError(f"serve needs the serve extra: pip install -e \".[serve]\" ({err})") from None
-    for flag in ("max_batch_size", "max_waiting", "max_batch_tokens"):
+    for flag in ("max_batch_size", "max_waiting", "max_batch_tokens", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     engine = load(args.model, dtype=args.dtype, device=args.device, quant=args.quant)
@@ -247,7 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         return
     app = create_app(engine, args.served_model_name or args.model, args.max_batch_size, args.max_waiting,
                      args.max_batch_tokens, Path(args.chat_template) if args.chat_template else None,
-                     static=args.batching == "static")
+                     static=args.batching == "static", max_body_bytes=args.max_body_bytes)
     name = args.served_model_name or args.model
     print(f"bloom-runtime: serving {name} on http://{args.host}:{args.port}/v1 (tp={engine.shard.world}, "
           f"up to {args.max_batch_size} sequences a step)", file=sys.stderr, flush=True)
@@ -335,6 +335,8 @@ def _perf_serve_parser(sub) -> None:
 
 
 def _serve_parser(sub) -> None:
+    from .serving.protocol import MAX_BODY_BYTES
+
     serve = sub.add_parser("serve", help="an OpenAI-compatible completions server with continuous batching")
     _runtime_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
@@ -346,6 +348,8 @@ def _serve_parser(sub) -> None:
                        help="most requests queued; beyond it requests get 429 with Retry-After")
     serve.add_argument("--max-batch-tokens", type=int, default=2048,
                        help="most padded prompt tokens prefilled together when requests join")
+    serve.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                       help="largest request body taken; a larger one gets 413 before it is read")
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="a Jinja chat template, to serve /v1/chat/completions (BLOOM has none)")
     serve.add_argument("--batching", choices=["continuous", "static"], default="continuous",

@@ -8,13 +8,14 @@ row has finished; a finished row leaves the batch and costs nothing more.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 from . import parallel
-from .batching import Batch, Sequence
+from .batching import STOP, Batch, Output, Sequence
 from .config import BloomConfig
+from .detokenize import Detokenizer
 from .errors import InputError
 from .kv_cache import KVCache
 from .model import Bloom
@@ -100,18 +101,20 @@ class Engine:
         `seed` gives row i the generator a lone run with seed + i would have.
         """
         config = (generation_config or GenerationConfig()).updated(**settings)
+        return self._tokens(self._sequences(input_ids, attention_mask, config))
+
+    def sequence(self, prompt: list[int], config: GenerationConfig, seed: int | None, key: int = 0
+                 ) -> Sequence:
+        """A sequence to admit to a `batch()` of this engine."""
+        return Sequence.start(prompt, config, seed, self.device, key)
+
+    def _sequences(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   config: GenerationConfig) -> list[Sequence]:
+        """The checked inputs as sequences: row i's prompt without its padding, as key i."""
         ids, mask = self._check_inputs(input_ids, attention_mask, extra=config.max_new_tokens)
         prompts = [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
-        return self._steps([self.sequence(p, config, seed, text=False) for p, seed in
-                            zip(prompts, self.seeds(config, len(prompts)))])
-
-    def sequence(self, prompt: list[int], config: GenerationConfig, seed: int | None, text: bool = True
-                 ) -> Sequence:
-        """A sequence to admit to a `batch()` of this engine, following its text when `text` and the
-        engine has a tokenizer (stop strings need it; token-only generation should not pay for
-        re-decoding every step)."""
-        decode = self.tokenizer.decode if self.tokenizer is not None and (text or config.stop) else None
-        return Sequence.start(prompt, config, seed, self.device, decode)
+        return [self.sequence(p, config, seed, key) for key, (p, seed) in
+                enumerate(zip(prompts, self.seeds(config, len(prompts))))]
 
     def seeds(self, config: GenerationConfig, count: int) -> list[int | None]:
         """Seeds for `count` sequences sampled under `config`: seed + i, or (under tensor
@@ -134,58 +137,79 @@ class Engine:
         """Keep a finished batch's cache for the next `batch()` (allocating it again costs page faults)."""
         self._spare = batch.cache
 
-    def _steps(self, seqs: list[Sequence]) -> Iterator[torch.Tensor]:
-        """Admit every row at once, then step until all have finished."""
+    def _run(self, seqs: list[Sequence], stopped: Callable[[list[Output]], list[int]] | None = None
+             ) -> Iterator[list[Output]]:
+        """Admit every row at once, then step until all have finished; yields each step's outputs.
+        `stopped` names (by key) the sequences a step's outputs end (a stop string): they leave."""
         longest = max(len(seq.prompt) + seq.config.max_new_tokens for seq in seqs)
         batch = self.batch(len(seqs), longest)
         try:
-            batch.admit(seqs)
-            for step in range(max(seq.config.max_new_tokens for seq in seqs)):
-                if step:
-                    if not batch.sequences:
-                        return
-                    batch.step()
-                yield torch.tensor([seq.tokens[step] if len(seq.tokens) > step else self.config.pad_token_id
-                                    for seq in seqs])
+            outputs = batch.admit(seqs)
+            while True:
+                failed = next((out for out in outputs if out.error), None)
+                if failed is not None:
+                    raise RuntimeError(f"generation failed for row {failed.key}: {failed.error}")
+                yield outputs
+                for key in stopped(outputs) if stopped else []:
+                    if seqs[key] in batch.sequences:
+                        batch.evict(seqs[key], STOP)
+                if not batch.sequences:
+                    return
+                outputs = batch.step()
         finally:
             self.give_back(batch)
+
+    def _tokens(self, seqs: list[Sequence]) -> Iterator[torch.Tensor]:
+        """Each step's new tokens [B], pad ids for rows that have finished."""
+        pad = self.config.pad_token_id
+        for step, _ in enumerate(self._run(seqs)):
+            yield torch.tensor([seq.tokens[step] if len(seq.tokens) > step else pad for seq in seqs])
 
     def generate_text(
         self, prompts: list[str], *, generation_config: GenerationConfig | None = None, **settings
     ) -> list[str]:
-        """Continuations of each prompt, decoded and cut at EOS (the model's, unless the
-        settings name another)."""
-        ids, mask = self._encode(prompts)
-        new = self.generate(ids, mask, generation_config=self._text_config(generation_config), **settings)
-        return [self.tokenizer.decode(row.tolist()) for row in new]
+        """Continuations of each prompt, decoded, ending before EOS (the model's, unless the settings
+        name another) or a stop string of the settings' `stop`."""
+        texts: list[Detokenizer] = []
+        for texts in self._texts(prompts, generation_config, settings):  # noqa: B007 (the last step's)
+            pass
+        return [text.flush() for text in texts]
 
     def stream_text(
         self, prompt: str, *, generation_config: GenerationConfig | None = None, **settings
     ) -> Iterator[str]:
         """The continuation of one prompt, piece by piece as its tokens come; joined, the pieces
-        are `generate_text`'s. A piece is held back while it ends inside a character (a
-        byte-level token can carry part of one)."""
-        ids, mask = self._encode([prompt])
-        pending: list[int] = []  # tokens since the last whole character shown
-        for token in self.stream(ids, mask, generation_config=self._text_config(generation_config),
-                                 **settings):
-            pending.append(int(token[0]))
-            text = self.tokenizer.decode(pending)
-            if text and not text.endswith("\ufffd"):
-                yield text
-                pending = []
-        rest = self.tokenizer.decode(pending)
+        are `generate_text`'s. Text is held back while it ends inside a character (a byte-level
+        token can carry part of one) or may be the start of a stop string."""
+        shown = 0
+        text = None
+        for (text,) in self._texts([prompt], generation_config, settings):
+            if len(text.visible) > shown:
+                yield text.visible[shown:]
+                shown = len(text.visible)
+        rest = text.flush()[shown:]
         if rest:
             yield rest
+
+    def _texts(self, prompts: list[str], given: GenerationConfig | None, settings: dict
+               ) -> Iterator[list[Detokenizer]]:
+        """Generate for text prompts, following each row's text; yields the rows' texts each step."""
+        config = (given or GenerationConfig(eos_token_id=self.config.eos_token_id)).updated(**settings)
+        seqs = self._sequences(*self._encode(prompts), config)
+        texts = [Detokenizer(self.tokenizer.decode, config.stop) for _ in seqs]
+
+        def stopped(outputs: list[Output]) -> list[int]:
+            return [out.key for out in outputs if out.token is not None and out.finish_reason != STOP
+                    and texts[out.key].add(out.token)]
+
+        for _ in self._run(seqs, stopped):
+            yield texts
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:
             raise InputError("this model has no tokenizer.json: pass token ids to generate() "
                              "(on the CLI: generate --token-ids '5 17 42')")
         return self.tokenizer.encode_batch(prompts)
-
-    def _text_config(self, given: GenerationConfig | None) -> GenerationConfig:
-        return given or GenerationConfig(eos_token_id=self.config.eos_token_id)
 
     def _check_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, extra: int

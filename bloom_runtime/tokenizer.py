@@ -6,6 +6,7 @@ prompt's last token is the last thing the model saw: generation continues it.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -57,6 +58,20 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text, encoded together: the tokenizer releases the GIL while it works, so
+        a long text encoded on one thread does not stop the others (`encode` holds it)."""
+        return [encoding.ids for encoding in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    @functools.cached_property
+    def most_bytes_per_token(self) -> int | None:
+        """An upper bound on the UTF-8 bytes of text one token can stand for: 4 per character of the
+        longest vocabulary entry (a byte-level entry has a character per byte). None when a
+        normalizer may shrink the text before it is split, so no bound holds."""
+        if self._tok.normalizer is not None:
+            return None
+        return 4 * max(len(token) for token in self._tok.get_vocab(with_added_tokens=True))
+
     def encode_batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded `input_ids` and `attention_mask`, both [B, S] int64."""
         if isinstance(texts, str) or not texts:
@@ -68,7 +83,7 @@ class Tokenizer:
         return left_pad(rows, self.pad_token_id)
 
     def decode(self, ids: list[int]) -> str:
-        """Text of generated ids, cut at the first EOS (after which rows hold padding)."""
-        if self.eos_token_id in ids:
-            ids = ids[: ids.index(self.eos_token_id)]
-        return self._tok.decode([i for i in ids if i != self.pad_token_id])
+        """Text of ids, special tokens (EOS, padding) left out: the text does not end at an EOS,
+        since with `ignore_eos` generation goes on after one (`generate` pads rows after
+        theirs, and padding has no text)."""
+        return self._tok.decode(ids, skip_special_tokens=True)

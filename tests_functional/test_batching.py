@@ -150,21 +150,45 @@ def test_two_live_streams_on_one_engine_do_not_share_a_cache(engines):
     assert got[0] == expected[0][0].tolist() and got[1] == expected[1][0].tolist()
 
 
-def test_stop_strings_and_ids_end_a_sequence_and_are_left_out():
+def test_stop_ids_end_a_sequence_and_stop_strings_end_its_text():
+    """The core stops on tokens (EOS, stop ids: the token is kept, its finish is "stop"); stop strings
+    are text, which generate_text follows, ending the row before the string."""
     engine = br.load("tiny")
-    prompt = engine.tokenizer.encode("以下是中国关于计算机网络考试的单项选择题")
-    free = engine.sequence(prompt, GenerationConfig(max_new_tokens=12), None)
-    batch = engine.batch(1, 32)
-    batch.admit([free])
+    text_prompt = "以下是中国关于计算机网络考试的单项选择题"
+    prompt = tuple(engine.tokenizer.encode(text_prompt))
+    free = alone(engine, Request(prompt, GenerationConfig(max_new_tokens=12), None, 0, True, False, None))
+    assert free.finish_reason == "length"
+    config = GenerationConfig(max_new_tokens=12, stop_token_ids=(free.tokens[3],))
+    by_id = alone(engine, Request(prompt, config, None, 0, True, False, None))
+    assert by_id.tokens == free.tokens[:4] and by_id.finish_reason == "stop"
+    text = engine.tokenizer.decode(free.tokens)
+    stop = text[len(text) // 2:][:2]
+    config = GenerationConfig(max_new_tokens=12, stop=(stop,))
+    assert engine.generate_text([text_prompt], generation_config=config) == [text[:text.find(stop)]]
+    assert "".join(engine.stream_text(text_prompt, generation_config=config)) == text[:text.find(stop)]
+
+
+def test_a_sequence_whose_token_cannot_be_chosen_fails_alone(engines, monkeypatch):
+    """Row 1's logits turn to NaN: it finishes with an error, and row 0 gets its lone tokens."""
+    engine = engines["float32"]
+    request = Request((5, 6, 7), GenerationConfig(max_new_tokens=6, do_sample=True, top_p=0.9), 11, 0, True,
+                      False, None)
+    expected = alone(engine, request)
+    forward = engine.model.forward_segments
+
+    def poisoned(segments, **kwargs):
+        logits = forward(segments, **kwargs)
+        logits[0][1] = float("nan")
+        return logits
+
+    batch = engine.batch(2, 8)
+    seqs = [engine.sequence(list(request.prompt), request.config, request.seed, key) for key in (0, 1)]
+    batch.admit(seqs)
+    monkeypatch.setattr(engine.model, "forward_segments", poisoned)
+    outputs = batch.step()
+    monkeypatch.undo()
+    assert [(o.key, o.finish_reason) for o in outputs] == [(0, None), (1, "error")]
+    assert outputs[1].token is None and "not finite" in outputs[1].error
     while batch.sequences:
         batch.step()
-    stop_id = free.tokens[3]
-    config = GenerationConfig(max_new_tokens=12, stop_token_ids=(stop_id,))
-    by_id = alone(engine, Request(tuple(prompt), config, None, 0, True, False, None))
-    assert by_id.tokens == free.tokens[:4] and by_id.finish_reason == "stop"
-    assert by_id.text == engine.tokenizer.decode(free.tokens[:3])
-    stop_text = free.text[len(free.text) // 2:][:2]
-    by_text = alone(engine, Request(tuple(prompt), GenerationConfig(max_new_tokens=12, stop=(stop_text,)),
-                                    None, 0, True, False, None))
-    assert by_text.finish_reason == "stop" and by_text.text == free.text[:free.text.find(stop_text)]
-    assert free.finish_reason == "length"
+    assert seqs[0].tokens == expected.tokens and seqs[1].finish_reason == "error"

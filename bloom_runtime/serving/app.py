@@ -1,8 +1,12 @@
 """The HTTP side of `bloom-runtime serve`: OpenAI's routes on FastAPI, served by uvicorn.
 
-Requests are checked (protocol.py), queued in the scheduler, and answered whole or streamed
-as server-sent events while their sequences run. A client that disconnects cancels its
-sequences. SIGTERM and Ctrl-C stop new connections, let running requests finish, then stop
+A request is read (at most `max_body_bytes`, JSON only), checked and tokenized on a worker
+thread (protocol.py), so the event loop never waits on one request's parsing; then queued
+in the scheduler. Its sequences' messages come back through the request's own queue; each
+choice follows its text with a `Detokenizer` (stop strings end it, and the scheduler is told
+to evict it), and the answer is sent whole or streamed as server-sent events. A client that
+disconnects, streamed or not, cancels its sequences. Every refusal and failure is OpenAI's
+error body. SIGTERM and Ctrl-C stop new connections, let running requests finish, then stop
 the scheduler (and, under torchrun, the other ranks).
 """
 
@@ -10,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,41 +28,52 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from ..batching import Sequence
+from ..batching import ERROR, STOP, Output, TokenLogprobs
+from ..detokenize import Detokenizer
 from ..engine import Engine
 from ..errors import InputError
 from . import protocol
 from .chat import ChatTemplate
 from .metrics import Metrics
-from .protocol import APIError, Completion
-from .scheduler import QueueFull, Scheduler, Ticket
+from .protocol import MAX_BODY_BYTES, APIError, Completion, Served
+from .scheduler import Failed, Message, PromptScores, QueueFull, Scheduler, Ticket, Unavailable
 
 RETRY_AFTER_S = 1
-DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is there
 GRACEFUL_SHUTDOWN_S = 60  # running requests get this long to finish after SIGTERM
+PARSERS = 2  # threads that decode and tokenize request bodies
+JSON_TYPES = ("application/json",)
+log = logging.getLogger("bloom_runtime.serve")
 
 
 def create_app(engine: Engine, model_name: str, max_batch_size: int = 8, max_waiting: int = 64,
-               max_batch_tokens: int = 2048, chat_template: Path | None = None, static: bool = False
-               ) -> FastAPI:
+               max_batch_tokens: int = 2048, chat_template: Path | None = None, static: bool = False,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The app: a scheduler on `engine` (started and stopped with the app's lifespan) and its routes."""
     if engine.tokenizer is None:
         raise InputError("serve needs a model with a tokenizer.json (prompts and answers are text)")
     metrics = Metrics(model_name)
     scheduler = Scheduler(engine, metrics, max_batch_size, max_waiting, max_batch_tokens, static)
     template = ChatTemplate.read(chat_template) if chat_template is not None else None
-    app = FastAPI(title="bloom-runtime", lifespan=_lifespan(scheduler))
+    served = Served(model_name, engine.tokenizer, engine.config.vocab_size, engine.max_seq_len,
+                    engine.config.eos_token_id)
+    parsers = ThreadPoolExecutor(PARSERS, thread_name_prefix="bloom-runtime-parse")
+    app = FastAPI(title="bloom-runtime", lifespan=_lifespan(scheduler, parsers))
     app.state.scheduler = scheduler
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error(APIError(exc.status_code, str(exc.detail), kind=kind))
+        return _error(APIError(exc.status_code, str(exc.detail), kind=kind, headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        metrics.failure("error")
+        return _error(APIError(500, f"internal error: {type(exc).__name__}", kind="internal_error"))
 
     @app.get("/health")
     async def health() -> Response:
-        ok = scheduler.failed is None and not scheduler.stopping
-        return Response(status_code=200 if ok else 503)
+        return Response(status_code=200 if scheduler.healthy else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -68,18 +85,19 @@ def create_app(engine: Engine, model_name: str, max_batch_size: int = 8, max_wai
                 "max_model_len": engine.max_seq_len}
         return {"object": "list", "data": [card]}
 
+    def parse(raw: bytes, chat: bool) -> Completion:
+        body = protocol.decode_json(raw)
+        if chat:
+            if template is None:
+                raise APIError(400, "this model has no chat template (BLOOM has none): start the "
+                                    "server with --chat-template FILE to use chat completions", "messages")
+            body = template.completion_body(body)
+        return protocol.parse_completion(body, served)
+
     async def respond(request: Request, chat: bool) -> Response:
         try:
-            body = await _json(request)
-            if chat:
-                if template is None:
-                    raise APIError(400, "this model has no chat template (BLOOM has none): start the "
-                                        "server with --chat-template FILE to use chat completions",
-                                   "messages")
-                body = template.completion_body(body)
-            completion = protocol.parse_completion(body, model_name, engine.tokenizer,
-                                                   engine.config.vocab_size, engine.max_seq_len,
-                                                   engine.config.eos_token_id)
+            raw = await _body(request, max_body_bytes)
+            completion = await asyncio.get_running_loop().run_in_executor(parsers, parse, raw, chat)
             return await _answer(request, scheduler, engine, completion, chat)
         except APIError as err:
             if err.status < 500:  # the scheduler counts its own failures
@@ -97,7 +115,7 @@ def create_app(engine: Engine, model_name: str, max_batch_size: int = 8, max_wai
     return app
 
 
-def _lifespan(scheduler: Scheduler):
+def _lifespan(scheduler: Scheduler, parsers: ThreadPoolExecutor):
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         scheduler.start()
@@ -105,6 +123,7 @@ def _lifespan(scheduler: Scheduler):
             yield
         finally:
             await asyncio.to_thread(scheduler.stop)
+            parsers.shutdown(cancel_futures=True)
 
     return lifespan
 
@@ -113,132 +132,210 @@ def _error(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-async def _json(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON ({err})") from None
+async def _body(request: Request, limit: int) -> bytes:
+    """The body of a JSON request, refused (415) when it says it is something else and (413) as
+    soon as it is known to pass `limit` bytes, before more of it is read."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in JSON_TYPES:
+        raise APIError(415, "the body must be sent as application/json, not "
+                            f"{protocol.shown(media or 'untyped')}")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the body has {declared} bytes; this server takes at most {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the body passes {limit} bytes, the most this server takes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _answer(request: Request, scheduler: Scheduler, engine: Engine, completion: Completion,
                   chat: bool) -> Response:
     """Queue the request and answer it: whole, or as a stream of events."""
     loop = asyncio.get_running_loop()
-    changed = asyncio.Event()
-    specs = scheduler.specs(completion.prompts, completion.n, completion.config, completion.seed)
-    ticket = Ticket(specs, lambda: loop.call_soon_threadsafe(changed.set))
+    inbox: asyncio.Queue[list[Message]] = asyncio.Queue()
+
+    def post(messages: list[Message]) -> None:  # on the scheduler's thread
+        try:
+            loop.call_soon_threadsafe(inbox.put_nowait, messages)
+        except RuntimeError:  # the event loop has closed: nobody is waiting for these
+            pass
+
+    specs = scheduler.specs(completion.prompts, completion.n, completion.config, completion.seed,
+                            completion.prompt_logprobs)
+    ticket = Ticket(specs, post)
     try:
         scheduler.submit(ticket)
     except QueueFull as err:
         raise APIError(429, f"the server is busy: {err}; retry later", kind="rate_limit_exceeded",
                        code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-    view = Answer(completion, ticket, engine, chat)
+    except Unavailable as err:
+        raise APIError(503, f"the server cannot take requests: {err}", kind="service_unavailable",
+                       code="unavailable") from None
+    answer = Answer(completion, ticket, scheduler, engine, chat)
     if completion.stream:
-        return StreamingResponse(view.events(changed, scheduler), media_type="text/event-stream")
+        return StreamingResponse(answer.events(inbox), media_type="text/event-stream")
+    collecting = asyncio.ensure_future(answer.collect(inbox))
+    leaving = asyncio.ensure_future(_disconnected(request))
     try:
-        while not ticket.done:
-            try:
-                await asyncio.wait_for(changed.wait(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    scheduler.cancel(ticket)
-                    return Response(status_code=499)
-            changed.clear()
-    except asyncio.CancelledError:
-        scheduler.cancel(ticket)
-        raise
-    if ticket.error is not None:
-        raise APIError(500, f"generation failed: {ticket.error}", kind="internal_error")
-    return JSONResponse(view.whole())
+        await asyncio.wait({collecting, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        if not collecting.done():  # the client left (or this handler was cancelled): stop its work
+            collecting.cancel()
+            scheduler.cancel(ticket)
+    if not collecting.done() or collecting.cancelled():
+        return Response(status_code=499)
+    collecting.result()
+    return JSONResponse(answer.whole())
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away (its body was read: what comes now is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Choice:
+    """One sequence of a request as its messages arrive: tokens, log-probabilities, text, and what
+    of them has been streamed."""
+
+    def __init__(self, index: int, prompt: list[int], prefix: str, text: Detokenizer) -> None:
+        self.index, self.prompt, self.prefix, self.text = index, prompt, prefix, text
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprobs] = []
+        self.prompt_scores: list[TokenLogprobs | None] | None = None
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.sent_text = self.sent_tokens = 0
+        self.started = self.closed = False  # its first (echoing) and last chunks have been sent
+
+    def take(self, message: Output | PromptScores) -> bool:
+        """Apply one message; True when a stop string ended the sequence here (the scheduler must
+        be told: it only knows tokens)."""
+        if isinstance(message, PromptScores):
+            self.prompt_scores = message.entries
+            return False
+        if self.finish_reason is not None:  # ended by a stop string: later tokens are dropped
+            return False
+        if message.token is not None:
+            self.tokens.append(message.token)
+            if message.logprobs is not None:
+                self.logprobs.append(message.logprobs)
+            # a final stop token (EOS, stop_token_ids) is not text
+            if message.finish_reason != STOP and self.text.add(message.token):
+                self.finish_reason = STOP
+                return message.finish_reason is None
+        if message.finish_reason is not None:
+            self.finish_reason, self.error = message.finish_reason, message.error
+            self.text.flush()
+        return False
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
 
 
 class Answer:
-    """A request's response bodies, built from its sequences as they run."""
+    """A request's response bodies, built from the messages its sequences send."""
 
-    def __init__(self, completion: Completion, ticket: Ticket, engine: Engine, chat: bool) -> None:
-        self.completion, self.ticket, self.chat = completion, ticket, chat
+    def __init__(self, completion: Completion, ticket: Ticket, scheduler: Scheduler, engine: Engine,
+                 chat: bool) -> None:
+        self.completion, self.ticket, self.scheduler, self.chat = completion, ticket, scheduler, chat
         self.tokenizer = engine.tokenizer
-        hold = max((len(s) for s in completion.config.stop), default=1) - 1
-        self.hold = hold  # characters held back while running: they may begin a stop string
+        stops = completion.config.stop if completion.config is not None else ()
+        decode = self.tokenizer.decode
+        self.choices = [Choice(i, spec.prompt, decode(spec.prompt) if completion.echo else "",
+                               Detokenizer(decode, stops)) for i, spec in enumerate(ticket.specs)]
+        self.by_key = {spec.key: choice for spec, choice in zip(ticket.specs, self.choices)}
+
+    @property
+    def done(self) -> bool:
+        return all(choice.done for choice in self.choices)
+
+    def apply(self, messages: list[Message]) -> None:
+        """Take a turn's messages; a failure of the scheduler or of a sequence is an APIError."""
+        for message in messages:
+            if isinstance(message, Failed):
+                raise APIError(500, f"generation failed: {message.reason}", kind="internal_error")
+            choice = self.by_key[message.key]
+            if choice.take(message):
+                self.scheduler.finish(self.ticket, message.key)
+            if choice.finish_reason == ERROR:
+                self.scheduler.cancel(self.ticket)
+                raise APIError(500, f"generation failed: {choice.error}", kind="internal_error")
+
+    async def collect(self, inbox: asyncio.Queue) -> None:
+        while not self.done:
+            self.apply(await inbox.get())
 
     def whole(self) -> dict[str, Any]:
-        choices = [self._choice(i, seq, self._prefix(seq) + seq.text, 0, len(seq.tokens), seq.finish_reason)
-                   for i, seq in enumerate(self.ticket.sequences)]
+        choices = [self._choice(c, c.text.text, 0, len(c.tokens), True) for c in self.choices]
         return self._envelope(choices, self._usage())
 
-    async def events(self, changed: asyncio.Event, scheduler: Scheduler) -> AsyncIterator[bytes]:
+    async def events(self, inbox: asyncio.Queue) -> AsyncIterator[bytes]:
         """SSE chunks as text arrives, a usage chunk if asked, then [DONE]; cancels on disconnect."""
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
         try:
-            while True:
-                await changed.wait()
-                changed.clear()
-                if self.ticket.error is not None:
-                    yield _event(APIError(500, self.ticket.error, kind="internal_error").body())
+            while not self.done:
+                try:
+                    self.apply(await inbox.get())
+                except APIError as err:
+                    yield _event(err.body())
                     break
-                for i, seq in enumerate(self.ticket.sequences):
-                    chunk = self._delta(i, seq, sent_text, sent_tokens)
+                for choice in self.choices:
+                    chunk = self._delta(choice)
                     if chunk is not None:
-                        yield _event(self._envelope([chunk], None))
-                if self.ticket.done:
-                    break
+                        usage = self._usage() if self.completion.continuous_usage else None
+                        yield _event(self._envelope([chunk], usage))
             if self.completion.include_usage:
                 yield _event(self._envelope([], self._usage()))
             yield b"data: [DONE]\n\n"
         finally:
-            scheduler.cancel(self.ticket)  # no-op once done; a client that left frees its rows
+            self.scheduler.cancel(self.ticket)  # no-op once done; a client that left frees its rows
 
-    def _delta(self, i: int, seq: Sequence, sent_text: dict[int, int], sent_tokens: dict[int, int]
-               ) -> dict[str, Any] | None:
-        if i not in sent_text:
-            sent_text[i], sent_tokens[i] = 0, 0
-            prefix = self._prefix(seq)
-        else:
-            prefix = ""
-        text = seq.text if seq.done else _settled(seq.text, self.hold)
-        tokens = len(seq.tokens)
-        finish = seq.finish_reason if seq.done else None
-        if text[sent_text[i]:] == "" and not prefix and finish is None and tokens == sent_tokens[i]:
+    def _delta(self, choice: Choice) -> dict[str, Any] | None:
+        """The choice's news since its last chunk, or None when there is none (or its prompt's
+        scores, which its first chunk carries, have not come yet)."""
+        if choice.closed or (self.completion.prompt_logprobs is not None and choice.prompt_scores is None):
             return None
-        if seq.done and seq.finish_reason not in ("stop", "length"):
+        text = choice.text.text if choice.done else choice.text.visible
+        tokens, first = len(choice.tokens), not choice.started
+        if not (first or choice.done or len(text) > choice.sent_text or tokens > choice.sent_tokens):
             return None
-        chunk = self._choice(i, seq, prefix + text[sent_text[i]:], sent_tokens[i], tokens, finish,
-                             offset=sent_text[i])
-        sent_text[i], sent_tokens[i] = max(sent_text[i], len(text)), tokens
+        chunk = self._choice(choice, text[choice.sent_text:], choice.sent_tokens, tokens, first)
+        choice.started, choice.closed = True, choice.done
+        choice.sent_text, choice.sent_tokens = len(text), tokens
         return chunk
 
-    def _prefix(self, seq: Sequence) -> str:
-        return self.tokenizer.decode(seq.prompt) if self.completion.echo else ""
-
-    def _choice(self, i: int, seq: Sequence, text: str, start: int, end: int, finish: str | None,
-                offset: int = 0) -> dict[str, Any]:
+    def _choice(self, choice: Choice, text: str, start: int, end: int, first: bool) -> dict[str, Any]:
+        """A choice's body for its text `text` and tokens `start:end`; the first carries the prompt
+        when it is echoed."""
+        finish = choice.finish_reason if end == len(choice.tokens) else None
+        text = choice.prefix + text if first else text
         logprobs = None
-        if seq.config.logprobs is not None:
-            logprobs = protocol.logprobs_body(seq, self.tokenizer, start, end, offset)
+        if self.completion.logprobs is not None:
+            tokens, entries = choice.tokens[start:end], choice.logprobs[start:end]
+            offset = len(choice.prefix) + (0 if first else choice.sent_text)
+            if first and choice.prompt_scores is not None:
+                tokens, entries, offset = choice.prompt + tokens, choice.prompt_scores + entries, 0
+            logprobs = protocol.logprobs_body(self.tokenizer, tokens, entries, offset)
         if self.chat:
             key = "message" if not self.completion.stream else "delta"
-            return {"index": i, key: {"role": "assistant", "content": text}, "logprobs": logprobs,
+            return {"index": choice.index, key: {"role": "assistant", "content": text}, "logprobs": logprobs,
                     "finish_reason": finish}
-        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     def _usage(self) -> dict[str, int]:
-        prompts = sum(len(p) for p in self.completion.prompts)
-        return protocol.usage(prompts, sum(len(seq.tokens) for seq in self.ticket.sequences))
+        prompts = sum(len(p) for p in self.completion.prompts) * self.completion.n
+        return protocol.usage(prompts, sum(len(c.tokens) for c in self.choices))
 
     def _envelope(self, choices: list[dict], usage: dict | None) -> dict[str, Any]:
         body = protocol.envelope(self.completion, choices, usage)
         if self.chat:
             body["object"] = "chat.completion.chunk" if self.completion.stream else "chat.completion"
         return body
-
-
-def _settled(text: str, hold: int) -> str:
-    """The part of a running sequence's text that can be shown: not a partly decoded character
-    (a byte-level token may end inside one), not the last `hold` characters (a stop string may
-    be starting there)."""
-    text = text.rstrip("\ufffd")
-    return text[: len(text) - hold] if hold else text
 
 
 def _event(body: dict[str, Any]) -> bytes:

@@ -1,11 +1,16 @@
 """Continuous batching for the server: requests wait in a bounded queue, join the running batch
 between decode steps, and leave it as soon as they finish or their client goes away.
 
-One thread owns the `Batch`. Each turn of its loop is a `Plan` (evict the cancelled, admit
-what fits, step); under tensor parallelism rank 0 broadcasts each plan before running it and
-every other rank runs the same plan on its own part of the model (`follow`), so all ranks
-hold the same batch. The HTTP side talks to the loop only through `submit` and `cancel`;
-the loop tells each request's `notify` when its sequences have moved.
+One thread owns the `Batch` and does model work only. Each turn of its loop is a `Plan`
+(evict, admit what fits, step); under tensor parallelism rank 0 broadcasts each plan before
+running it and every other rank runs the same plan on its own part of the model (`follow`),
+so all ranks hold the same batch. The HTTP side talks to the loop only in messages: it
+calls `submit`, `cancel` and `finish` (a stop string ended a sequence); the loop posts
+each request the immutable messages of its sequences (`Output`, `PromptScores`, `Failed`)
+through the request's own `post`. Nobody reads a live `Sequence` but the loop.
+
+A request is admitted sequence by sequence from the front of the queue, so one asking for
+more sequences than the batch has rows runs in parts instead of blocking the queue.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
 import torch.distributed as dist
 
-from ..batching import Batch, Sequence
+from ..batching import ERROR, LENGTH, STOP, Output, TokenLogprobs, token_logprobs
 from ..engine import Engine
 from ..sampling import GenerationConfig
 from .metrics import Metrics
@@ -31,12 +37,33 @@ INITIAL_COLUMNS = 256  # the batch's cache starts this long and grows (batching.
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """What every rank needs to start one sequence."""
+    """What every rank needs to start one sequence. `config` None: the prompt is only scored
+    (max_tokens 0); `prompt_logprobs`: score the prompt, with this many most likely tokens."""
 
     key: int
     prompt: list[int]
-    config: GenerationConfig
+    config: GenerationConfig | None
     seed: int | None
+    prompt_logprobs: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptScores:
+    """Each prompt token's log-probability given the ones before it (None for the first), with
+    the most likely tokens at its position: `Engine.logits`' numbers."""
+
+    key: int
+    entries: list[TokenLogprobs | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    """The scheduler has stopped on an error: nothing more will come for this request."""
+
+    reason: str
+
+
+Message = Output | PromptScores | Failed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,26 +80,38 @@ class Replica:
 
     def __init__(self, engine: Engine, rows: int) -> None:
         self.engine = engine
-        self.batch: Batch = engine.batch(rows, min(INITIAL_COLUMNS, engine.max_seq_len))
-        self.sequences: dict[int, Sequence] = {}
+        self.batch = engine.batch(rows, min(INITIAL_COLUMNS, engine.max_seq_len))
+        self.sequences = {}  # by key: the batch's sequences, for evictions named by key
 
-    def run(self, plan: Plan) -> tuple[list[tuple[int, Sequence]], list[tuple[int, Sequence]]]:
-        """Evict, then one forward: the running sequences' decode step joined by the admitted ones'
-        prefill (batching.py). Returns (admitted, stepped) as (key, sequence) pairs, each of which
-        got one token."""
+    def run(self, plan: Plan) -> list[Output | PromptScores]:
+        """Evict, score the prompts that ask, then one forward: the running sequences' decode step
+        joined by the admitted ones' prefill (batching.py). Returns every message of the turn."""
         for key in plan.evict:
             seq = self.sequences.pop(key, None)
             if seq is not None and seq in self.batch.sequences:
                 self.batch.evict(seq)
-        group = [self.engine.sequence(s.prompt, s.config, s.seed) for s in plan.admit]
-        admitted = [(s.key, seq) for s, seq in zip(plan.admit, group)]
-        keys = {id(seq): key for key, seq in self.sequences.items()}
-        self.sequences.update(admitted)
-        stepped = [(keys[id(seq)], seq) for seq in self.batch.step(admitting=group)]
-        for key, seq in admitted + stepped:
-            if seq.done:
-                self.sequences.pop(key, None)
-        return admitted, stepped
+        messages: list[Output | PromptScores] = []
+        group = []
+        for spec in plan.admit:
+            if spec.prompt_logprobs is not None:
+                messages.append(self.score(spec))
+            if spec.config is None:
+                messages.append(Output(spec.key, None, finish_reason=LENGTH))
+            else:
+                group.append(self.engine.sequence(spec.prompt, spec.config, spec.seed, spec.key))
+        self.sequences.update((seq.key, seq) for seq in group)
+        outputs = self.batch.step(admitting=group)
+        for out in outputs:
+            if out.finish_reason is not None:
+                self.sequences.pop(out.key, None)
+        return messages + outputs
+
+    def score(self, spec: Spec) -> PromptScores:
+        """The prompt's log-probabilities from one full forward (`Engine.logits`, no cache)."""
+        logits = self.engine.logits(torch.tensor([spec.prompt]))[0]
+        rest = spec.prompt[1:]
+        return PromptScores(spec.key, [None, *token_logprobs(logits[:-1], rest,
+                                                             [spec.prompt_logprobs] * len(rest))])
 
 
 def broadcast(plan: Plan | None) -> Plan:
@@ -93,26 +132,30 @@ def follow(engine: Engine, rows: int) -> None:
 
 
 class Ticket:
-    """One request in the scheduler: its sequences' specs, then the sequences, and timings."""
+    """One request in the scheduler: its sequences' specs and where their messages go.
 
-    def __init__(self, specs: list[Spec], notify: Callable[[], None]) -> None:
+    `post` is called on the scheduler's thread with each turn's messages for this request and
+    must only hand them over (to the request's queue). The other fields are the scheduler's,
+    read and written under its lock."""
+
+    def __init__(self, specs: list[Spec], post: Callable[[list[Message]], None]) -> None:
         self.specs = specs
-        self.notify = notify
-        self.sequences: list[Sequence] = []
+        self.post = post
         self.arrived = time.monotonic()
+        self.admitted = 0  # specs taken into the batch, from the first
+        self.live: set[int] = set()  # keys of its sequences that have not finished
+        self.reasons: set[str] = set()  # why its sequences finished
         self.first_token: float | None = None
-        self.cancelled = False
-        self.error: str | None = None
         self.token_times: dict[int, float] = {}  # by sequence key: when its last token came
-
-    @property
-    def done(self) -> bool:
-        return self.error is not None or (len(self.sequences) == len(self.specs)
-                                          and all(seq.done for seq in self.sequences))
+        self.over = False  # finished, cancelled or failed, and counted in the metrics
 
 
 class QueueFull(Exception):
-    """The waiting queue is at its bound: the request is refused, not queued."""
+    """The waiting queue is at its bound: the request is refused, not queued (retry later)."""
+
+
+class Unavailable(Exception):
+    """The scheduler has stopped (an error, or shutting down): no retry will help."""
 
 
 class Scheduler:
@@ -127,13 +170,17 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.replica = Replica(engine, max_batch_size)
         self.waiting: collections.deque[Ticket] = collections.deque()
-        self.running: dict[int, Ticket] = {}  # by sequence key
-        self.cancelled: list[Ticket] = []
+        self.running: dict[int, Ticket] = {}  # by sequence key: the batch's rows, and their requests
+        self.leaving: list[int] = []  # keys to evict before the next step
         self.wake = threading.Condition()
         self.stopping = False
         self.failed: str | None = None
         self._keys = iter(range(2**62))
         self.thread = threading.Thread(target=self._loop, name="bloom-runtime-scheduler", daemon=True)
+
+    @property
+    def healthy(self) -> bool:
+        return self.failed is None and not self.stopping and self.thread.is_alive()
 
     def start(self) -> None:
         self.thread.start()
@@ -145,20 +192,20 @@ class Scheduler:
             self.wake.notify()
         self.thread.join()
 
-    def specs(self, prompts: list[list[int]], n: int, config: GenerationConfig, seed: int | None
-              ) -> list[Spec]:
+    def specs(self, prompts: list[list[int]], n: int, config: GenerationConfig | None, seed: int | None,
+              prompt_logprobs: int | None = None) -> list[Spec]:
         """The sequences of a request: each prompt `n` times; sampling seeds seed + index (random if
         none), drawn here so that every rank samples alike."""
-        count = len(prompts) * n
+        sampled = config is not None and config.do_sample
         base = seed if seed is not None else random.getrandbits(62)
-        return [Spec(next(self._keys), prompts[i // n], config, base + i if config.do_sample else None)
-                for i in range(count)]
+        return [Spec(next(self._keys), prompts[i // n], config, base + i if sampled else None,
+                     prompt_logprobs) for i in range(len(prompts) * n)]
 
     def submit(self, ticket: Ticket) -> None:
-        """Queue a request, or raise `QueueFull`."""
+        """Queue a request, or raise `QueueFull` (retry later) or `Unavailable` (the loop has ended)."""
         with self.wake:
-            if self.failed or self.stopping:
-                raise QueueFull(self.failed or "the server is shutting down")
+            if not self.healthy:
+                raise Unavailable(self.failed or "the server is shutting down")
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting, the most this server queues")
             self.waiting.append(ticket)
@@ -166,20 +213,39 @@ class Scheduler:
             self.wake.notify()
 
     def cancel(self, ticket: Ticket) -> None:
-        """The client went away: its sequences leave the batch before the next step."""
+        """The client went away (or one of its sequences failed): its sequences leave the batch
+        before the next step."""
         with self.wake:
-            if ticket.done or ticket.cancelled:
+            if ticket.over:
                 return
-            ticket.cancelled = True
-            self.cancelled.append(ticket)
+            ticket.over = True
+            if ticket in self.waiting:
+                self.waiting.remove(ticket)
+            self._leave(ticket, list(ticket.live))
+            self.metrics.failure("error" if ERROR in ticket.reasons else "cancelled")
             self.wake.notify()
+
+    def finish(self, ticket: Ticket, key: int) -> None:
+        """A stop string ended sequence `key` (found by the reader of its text): it leaves the batch."""
+        with self.wake:
+            if key in ticket.live:
+                self._leave(ticket, [key])
+                ticket.reasons.add(STOP)
+                self._account(ticket, time.monotonic())
+                self.wake.notify()
+
+    def _leave(self, ticket: Ticket, keys: list[int]) -> None:
+        for key in keys:
+            ticket.live.discard(key)
+            if self.running.pop(key, None) is not None:
+                self.leaving.append(key)
 
     def _loop(self) -> None:
         try:
             while (plan := self._next_plan()) is not None:
                 if self.engine.shard.world > 1:
                     broadcast(plan)
-                self._report(*self.replica.run(plan))
+                self._report(self.replica.run(plan))
         except Exception as err:  # a bug or out of memory: every request gets the reason, not a hang
             self._fail(f"{type(err).__name__}: {err}")
             raise
@@ -188,81 +254,91 @@ class Scheduler:
                 broadcast(Plan(stop=True))
 
     def _next_plan(self) -> Plan | None:
-        """Wait for work; then the cancelled to evict and the waiting requests that fit."""
+        """Wait for work; then the sequences to evict and the waiting ones that fit."""
         with self.wake:
-            while not (self.waiting or self.running or self.cancelled or self.stopping):
+            while not (self.waiting or self.running or self.leaving or self.stopping):
                 if not self.wake.wait(HEARTBEAT_S) and self.engine.shard.world > 1:
                     return Plan()
             if self.stopping and not (self.waiting or self.running):
                 return None
-            evict = self._take_cancelled()
+            evict, self.leaving = self.leaving, []
             admit = self._take_admissions()
             self.metrics.waiting.set(len(self.waiting))
         return Plan(evict=evict, admit=admit)
 
-    def _take_cancelled(self) -> list[int]:
-        keys = []
-        for ticket in self.cancelled:
-            if ticket in self.waiting:
-                self.waiting.remove(ticket)
-            keys += [spec.key for spec in ticket.specs if self.running.pop(spec.key, None) is not None]
-            self.metrics.failure("cancelled")
-            ticket.notify()
-        self.cancelled = []
-        return keys
-
     def _take_admissions(self) -> list[Spec]:
-        """Whole requests, first come first served, while rows are free and the prefill's padded
-        size (rows x longest prompt) stays within max_batch_tokens (a first request always fits)."""
+        """Sequences from the front of the queue, in order, while rows are free and the prefill's
+        padded size (rows x longest prompt) stays within max_batch_tokens (one always fits). A
+        request leaves the queue when its last sequence is taken."""
         if self.static and self.running:
             return []
         free = self.max_batch_size - len(self.running)
         taken: list[Spec] = []
-        while self.waiting and len(self.waiting[0].specs) <= free:
-            specs = self.waiting[0].specs
-            width = max(len(s.prompt) for s in taken + specs)
-            if taken and width * (len(taken) + len(specs)) > self.max_batch_tokens:
+        width = 0
+        while self.waiting and len(taken) < free:
+            ticket = self.waiting[0]
+            spec = ticket.specs[ticket.admitted]
+            width = max(width, len(spec.prompt))
+            if taken and width * (len(taken) + 1) > self.max_batch_tokens:
                 break
-            ticket = self.waiting.popleft()
-            taken += specs
-            free -= len(specs)
-            self.running.update((spec.key, ticket) for spec in specs)
-            self.metrics.queue.observe(time.monotonic() - ticket.arrived)
+            taken.append(spec)
+            ticket.admitted += 1
+            ticket.live.add(spec.key)
+            self.running[spec.key] = ticket
+            self.metrics.prompt_tokens.inc(len(spec.prompt))
+            if ticket.admitted == len(ticket.specs):
+                self.waiting.popleft()
+                self.metrics.queue.observe(time.monotonic() - ticket.arrived)
         return taken
 
-    def _report(self, admitted: list[tuple[int, Sequence]], stepped: list[tuple[int, Sequence]]) -> None:
-        """Attach admitted sequences to their tickets, record metrics, tell the tickets."""
+    def _report(self, messages: list[Output | PromptScores]) -> None:
+        """Hand each request its messages, record metrics, and count the requests that finished.
+        Messages of sequences that have left (cancelled, or ended by a stop string) are dropped."""
         now = time.monotonic()
-        for key, seq in admitted:
-            self.running[key].sequences.append(seq)
-            self.metrics.prompt_tokens.inc(len(seq.prompt))
-        touched: dict[int, Ticket] = {}
-        for key, _ in admitted + stepped:
-            ticket = self.running[key]
-            self._timed(ticket, key, now)
-            touched[id(ticket)] = ticket
-        for key, seq in admitted + stepped:
-            if seq.done:
-                self.running.pop(key, None)
-        self.metrics.generation_tokens.inc(len(admitted) + len(stepped))
-        if stepped:
-            self.metrics.batch_size.observe(len(stepped))
-        self.metrics.running.set(len({id(t) for t in self.running.values()}))
-        for ticket in touched.values():
-            if ticket.done:
-                self.metrics.e2e.observe(now - ticket.arrived)
-                reasons = {seq.finish_reason for seq in ticket.sequences}
-                self.metrics.success("length" if reasons == {"length"} else "stop")
-            ticket.notify()
+        with self.wake:
+            posts: dict[int, tuple[Ticket, list[Message]]] = {}
+            tokens = 0
+            for message in messages:
+                ticket = self.running.get(message.key)
+                if ticket is None:
+                    continue
+                posts.setdefault(id(ticket), (ticket, []))[1].append(message)
+                if isinstance(message, Output):
+                    tokens += message.token is not None
+                    self._timed(ticket, message, now)
+                    if message.finish_reason is not None:
+                        del self.running[message.key]
+                        ticket.live.discard(message.key)
+                        ticket.reasons.add(message.finish_reason)
+            self.metrics.generation_tokens.inc(tokens)
+            if tokens:
+                self.metrics.batch_size.observe(tokens)
+            for ticket, batch in posts.values():
+                ticket.post(batch)
+                self._account(ticket, now)
+            self.metrics.running.set(len({id(t) for t in self.running.values()}))
 
-    def _timed(self, ticket: Ticket, key: int, now: float) -> None:
+    def _timed(self, ticket: Ticket, output: Output, now: float) -> None:
+        if output.token is None:
+            return
         if ticket.first_token is None:
             ticket.first_token = now
             self.metrics.ttft.observe(now - ticket.arrived)
-        previous = ticket.token_times.get(key)
+        previous = ticket.token_times.get(output.key)
         if previous is not None:
             self.metrics.itl.observe(now - previous)
-        ticket.token_times[key] = now
+        ticket.token_times[output.key] = now
+
+    def _account(self, ticket: Ticket, now: float) -> None:
+        """Count a request whose sequences have all been admitted and have all finished."""
+        if ticket.over or ticket.live or ticket.admitted < len(ticket.specs):
+            return
+        ticket.over = True
+        self.metrics.e2e.observe(now - ticket.arrived)
+        if ERROR in ticket.reasons:
+            self.metrics.failure("error")
+        else:
+            self.metrics.success("length" if ticket.reasons == {LENGTH} else "stop")
 
     def _fail(self, reason: str) -> None:
         with self.wake:
@@ -270,7 +346,8 @@ class Scheduler:
             tickets = list(self.waiting) + list({id(t): t for t in self.running.values()}.values())
             self.waiting.clear()
             self.running.clear()
-        for ticket in tickets:
-            ticket.error = reason
-            self.metrics.failure("error")
-            ticket.notify()
+            for ticket in tickets:
+                if not ticket.over:
+                    ticket.over = True
+                    self.metrics.failure("error")
+                    ticket.post([Failed(reason)])
