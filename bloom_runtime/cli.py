@@ -241,7 +241,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for flag in ("max_batch_size", "max_waiting", "max_batch_tokens", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    engine = load(args.model, dtype=args.dtype, device=args.device, quant=args.quant)
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise InputError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    engine = load(args.model, dtype=args.dtype, device=args.device, quant=args.quant,
+                  max_seq_len=args.max_model_len)
     if not engine.shard.is_main:  # under torchrun: run rank 0's batch on this rank's part
         follow(engine, args.max_batch_size)
         return
@@ -348,6 +351,8 @@ def _serve_parser(sub) -> None:
                        help="most requests queued; beyond it requests get 429 with Retry-After")
     serve.add_argument("--max-batch-tokens", type=int, default=2048,
                        help="most padded prompt tokens prefilled together when requests join")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="the context a request may fill, prompt and new tokens (default: the model's)")
     serve.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
                        help="largest request body taken; a larger one gets 413 before it is read")
     serve.add_argument("--chat-template", default=None, metavar="FILE",

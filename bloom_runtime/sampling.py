@@ -139,6 +139,7 @@ def top_p_filter(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Ten
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
-    drop_sorted = before >= top_p  # never drops the most likely token (before = 0)
+    drop_sorted = before >= top_p
+    drop_sorted[..., 0] = False  # the most likely token stays, even where top_p rounds to 0 in float32
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import random
 import signal
 import threading
@@ -33,6 +34,7 @@ from .metrics import Metrics
 
 HEARTBEAT_S = 5.0  # an idle rank 0 still broadcasts this often, so no rank times out waiting
 INITIAL_COLUMNS = 256  # the batch's cache starts this long and grows (batching.py) up to the context
+log = logging.getLogger("bloom_runtime.serve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,8 +249,8 @@ class Scheduler:
                     broadcast(plan)
                 self._report(self.replica.run(plan))
         except Exception as err:  # a bug or out of memory: every request gets the reason, not a hang
+            log.exception("the scheduler stopped")
             self._fail(f"{type(err).__name__}: {err}")
-            raise
         finally:
             if self.engine.shard.world > 1:
                 broadcast(Plan(stop=True))
