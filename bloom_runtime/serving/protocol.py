@@ -150,8 +150,9 @@ def parse_completion(body: Any, served: Served) -> Completion:
                             f"request may ask for", "n")
     for i, prompt in enumerate(prompts):
         if len(prompt) + max_tokens > served.context:
-            raise APIError(400, f"prompt {i} has {len(prompt)} tokens: with max_tokens={max_tokens} that is "
-                                f"more than the model's context of {served.context} tokens", "max_tokens")
+            asked = f"prompt {i} has {len(prompt)} tokens: with max_tokens={shown(max_tokens)}"
+            raise APIError(400, f"{asked} that is more than the context of {served.context} tokens",
+                           "max_tokens")
     temperature = _number(body, "temperature", 1.0, low=0.0)
     top_p = _number(body, "top_p", 1.0, low=0.0, high=1.0)
     if top_p == 0:
