@@ -7,6 +7,7 @@ Each subcommand is a small function over the public API. A user's mistake
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,8 @@ from .parallel import shutdown
 from .quant import LINEARS, QuantSpec
 from .sampling import GenerationConfig
 from .tokenizer import left_pad
+
+REPORTS = ("pandas", "numpy", "matplotlib")  # the reports extra: result tables and plots
 
 SEPARATOR = "### prompt"  # the line before each of several prompts' outputs
 
@@ -188,6 +191,7 @@ def _weights_parser(sub) -> None:
 
 
 def cmd_perf(args: argparse.Namespace) -> None:
+    _require("reports", *REPORTS)
     from .bench import cases, export, harness
 
     if args.seqlen_in_pair or args.seqlen_out_pair:
@@ -232,12 +236,19 @@ def _perf_parser(sub) -> None:
     perf.set_defaults(func=cmd_perf)
 
 
+def _require(extra: str, *modules: str) -> None:
+    """Refuse, in one line, a command whose extra is not installed (the core declares only what
+    the core imports: pyproject.toml)."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InputError(f"this command needs the {extra} extra: pip install \"bloom-runtime[{extra}]\" "
+                         f"(from a clone: pip install -e \".[{extra}]\"); missing: {', '.join(missing)}")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
-    try:
-        from .serving.app import create_app, serve
-        from .serving.scheduler import follow
-    except ImportError as err:
-        raise InputError(f"serve needs the serve extra: pip install -e \".[serve]\" ({err})") from None
+    _require("serve", "fastapi", "uvicorn", "prometheus_client")
+    from .serving.app import create_app, serve
+    from .serving.scheduler import follow
     for flag in ("max_batch_size", "max_waiting", "max_batch_tokens", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -258,6 +269,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_perf_serve(args: argparse.Namespace) -> None:
+    _require("reports", *REPORTS)
+    _require("serve", "httpx", "fastapi", "uvicorn")
     import contextlib
     import functools
     import math
@@ -363,6 +376,7 @@ def _serve_parser(sub) -> None:
 
 
 def cmd_precision(args: argparse.Namespace) -> None:
+    _require("reports", *REPORTS)
     from .ceval.evaluation import evaluate
 
     engine = load(args.model, dtype=args.dtype, device=args.device, quant=args.quant)

@@ -10,6 +10,7 @@ measured; a peer that fails is reported under "peers" in the metadata with why.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import platform
 from pathlib import Path
@@ -140,16 +141,12 @@ def _export(rows: list[dict], meta: dict, output: Path) -> None:
 
 
 def _metadata(opts: PerfOptions, engine, threads: int, limits: dict) -> dict:
-    import transformers
-
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "python": platform.python_version()}  # fmt: skip
-    try:
-        import ctranslate2
-
-        versions["ctranslate2"] = ctranslate2.__version__
-    except ImportError:
-        pass
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for peer in ("transformers", "ctranslate2"):  # the peers extra: present when a peer may run
+        try:
+            versions[peer] = importlib.import_module(peer).__version__
+        except ImportError:
+            pass
     return {
         "model": opts.model, "dtype": opts.dtype, "quant": opts.quant, "tp": engine.shard.world,
         "device": str(engine.device), "warmup": opts.warmup, "repeat": opts.repeat,

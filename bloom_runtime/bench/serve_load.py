@@ -92,9 +92,15 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
     return outcome
 
 
+def arrival_gaps(count: int, rate: float, seed: int) -> list[float]:
+    """Seconds to wait after each of `count` sends: a Poisson process of `rate` requests a second
+    (exponential gaps of mean 1/rate), or all at once for an infinite rate."""
+    rng = random.Random(seed)
+    return [rng.expovariate(rate) if math.isfinite(rate) else 0.0 for _ in range(count)]
+
+
 async def _run(url: str, model: str, jobs: list[Job], rate: float, max_concurrency: int | None,
                seed: int) -> tuple[list[Outcome], float]:
-    rng = random.Random(seed)
     gate = asyncio.Semaphore(max_concurrency or len(jobs))
     # A connection per request: llama-server closes idle keep-alive connections, and a request
     # sent on one it has just closed fails with "Server disconnected" (seen under CI).
@@ -107,10 +113,10 @@ async def _run(url: str, model: str, jobs: list[Job], rate: float, max_concurren
     async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S) as client:
         start = time.perf_counter()
         tasks = []
-        for job in jobs:
+        for job, gap in zip(jobs, arrival_gaps(len(jobs), rate, seed)):
             tasks.append(asyncio.create_task(send(client, job)))
-            if math.isfinite(rate):
-                await asyncio.sleep(rng.expovariate(rate))  # Poisson arrivals
+            if gap:
+                await asyncio.sleep(gap)
         outcomes = await asyncio.gather(*tasks)
         return list(outcomes), time.perf_counter() - start
 

@@ -22,8 +22,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-
 from ..errors import InputError
 from ..tokenizer import FILENAME as TOKENIZER_FILE
 
@@ -116,6 +114,8 @@ def _command(name: str, setting: Setting, port: int) -> tuple[list[str], str]:
 
 
 def _wait_healthy(process: subprocess.Popen, url: str, timeout: float, log, name: str) -> None:
+    import httpx  # the serve extra: the CLI reads SERVERS from here to build its parser
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
