@@ -31,6 +31,27 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
     assert kept(top_p_filter(LOGITS, top_p)) == expected
 
 
+def sorted_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The rule done the plain way: sort the whole row, keep the prefix whose mass before each
+    token is under top_p."""
+    ordered, order = logits.sort(dim=-1, descending=True)
+    probs = ordered.softmax(dim=-1)
+    drop = probs.cumsum(dim=-1) - probs >= top_p
+    drop[..., 0] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_top_p_over_a_bloom_vocabulary_keeps_what_a_whole_sort_keeps(top_p):
+    """Peaked rows take the nucleus among the top candidates; flat rows (whose nucleus reaches
+    past them) are sorted whole. Bug: taking the candidates' nucleus for a flat row too."""
+    flat = torch.randn(3, 250880, generator=torch.Generator().manual_seed(0))
+    rows = torch.cat([flat, 8 * flat])  # the same logits, sharpened: nuclei of 1 to ~80 tokens
+    kept = torch.isfinite(top_p_filter(rows, top_p))
+    assert torch.equal(kept, torch.isfinite(sorted_top_p(rows, top_p)))
+    assert kept[:3].sum(dim=-1).min() > 1024 and kept[3:].sum(dim=-1).max() < 1024  # both branches ran
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_top_k_keeps_exactly_k_tokens(k):
     logits = torch.tensor([[0.1, 2.0, -1.0, 0.7, 1.5]])
