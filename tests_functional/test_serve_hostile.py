@@ -178,6 +178,31 @@ def test_a_client_that_leaves_a_non_streamed_request_cancels_it(server, engine):
     assert_alive(server, engine)
 
 
+def test_slow_and_stalled_clients_hold_up_no_one(server, engine):
+    """What held before and must hold: a client that sends half its headers and waits, one that
+    sends half its body and waits, and one that asks for a long stream and never reads it; each
+    holds a connection, and a known request beside them is answered as usual."""
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True, "stream": True}).encode()
+    half_body = json.dumps({"prompt": PROMPT}).encode()
+    openings = [b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-",
+                b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(half_body) + 10, half_body),
+                b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)]
+    sockets = [socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S) for _ in openings]
+    try:
+        for sock, opening in zip(sockets, openings):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the stream's reader never reads
+            sock.sendall(opening)
+        start = time.monotonic()
+        assert_alive(server, engine)
+        assert time.monotonic() - start < 10
+    finally:
+        for sock in sockets:
+            sock.close()
+    _wait_for(lambda: server.metric("bloom_runtime:num_requests_running") == 0, timeout=30)
+
+
 def test_parsing_a_large_body_does_not_stall_the_event_loop(server, engine):
     """Bug: a large prompt was tokenized on the event loop: /health stopped answering for as long
     as that took (35-40 s for 20 MB). Text prompts of the size that still may fit the context are
