@@ -83,15 +83,13 @@ class Replica:
     def __init__(self, engine: Engine, rows: int) -> None:
         self.engine = engine
         self.batch = engine.batch(rows, min(INITIAL_COLUMNS, engine.max_seq_len))
-        self.sequences = {}  # by key: the batch's sequences, for evictions named by key
 
     def run(self, plan: Plan) -> list[Output | PromptScores]:
         """Evict, score the prompts that ask, then one forward: the running sequences' decode step
         joined by the admitted ones' prefill (batching.py). Returns every message of the turn."""
-        for key in plan.evict:
-            seq = self.sequences.pop(key, None)
-            if seq is not None and seq in self.batch.sequences:
-                self.batch.evict(seq)
+        leaving = set(plan.evict)
+        for seq in [seq for seq in self.batch.sequences if seq.key in leaving]:
+            self.batch.evict(seq)
         messages: list[Output | PromptScores] = []
         group = []
         for spec in plan.admit:
@@ -101,12 +99,7 @@ class Replica:
                 messages.append(Output(spec.key, None, finish_reason=LENGTH))
             else:
                 group.append(self.engine.sequence(spec.prompt, spec.config, spec.seed, spec.key))
-        self.sequences.update((seq.key, seq) for seq in group)
-        outputs = self.batch.step(admitting=group)
-        for out in outputs:
-            if out.finish_reason is not None:
-                self.sequences.pop(out.key, None)
-        return messages + outputs
+        return messages + self.batch.step(admitting=group)
 
     def score(self, spec: Spec) -> PromptScores:
         """The prompt's log-probabilities from one full forward (`Engine.logits`, no cache)."""
@@ -145,7 +138,6 @@ class Ticket:
         self.post = post
         self.arrived = time.monotonic()
         self.admitted = 0  # specs taken into the batch, from the first
-        self.live: set[int] = set()  # keys of its sequences that have not finished
         self.reasons: set[str] = set()  # why its sequences finished
         self.first_token: float | None = None
         self.token_times: dict[int, float] = {}  # by sequence key: when its last token came
@@ -223,24 +215,28 @@ class Scheduler:
             ticket.over = True
             if ticket in self.waiting:
                 self.waiting.remove(ticket)
-            self._leave(ticket, list(ticket.live))
+            self._leave(self._running(ticket))
             self.metrics.failure("error" if ERROR in ticket.reasons else "cancelled")
             self.wake.notify()
 
     def finish(self, ticket: Ticket, key: int) -> None:
         """A stop string ended sequence `key` (found by the reader of its text): it leaves the batch."""
         with self.wake:
-            if key in ticket.live:
-                self._leave(ticket, [key])
+            if self.running.get(key) is ticket:
+                self._leave([key])
                 ticket.reasons.add(STOP)
                 self._account(ticket, time.monotonic())
                 self.wake.notify()
 
-    def _leave(self, ticket: Ticket, keys: list[int]) -> None:
+    def _running(self, ticket: Ticket) -> list[int]:
+        """The keys of `ticket`'s sequences in the batch."""
+        return [spec.key for spec in ticket.specs[:ticket.admitted] if self.running.get(spec.key) is ticket]
+
+    def _leave(self, keys: list[int]) -> None:
+        """Sequences that leave the batch before the next step."""
         for key in keys:
-            ticket.live.discard(key)
-            if self.running.pop(key, None) is not None:
-                self.leaving.append(key)
+            del self.running[key]
+        self.leaving += keys
 
     def _loop(self) -> None:
         try:
@@ -285,7 +281,6 @@ class Scheduler:
                 break
             taken.append(spec)
             ticket.admitted += 1
-            ticket.live.add(spec.key)
             self.running[spec.key] = ticket
             self.metrics.prompt_tokens.inc(len(spec.prompt))
             if ticket.admitted == len(ticket.specs):
@@ -310,7 +305,6 @@ class Scheduler:
                     self._timed(ticket, message, now)
                     if message.finish_reason is not None:
                         del self.running[message.key]
-                        ticket.live.discard(message.key)
                         ticket.reasons.add(message.finish_reason)
             self.metrics.generation_tokens.inc(tokens)
             if tokens:
@@ -333,7 +327,7 @@ class Scheduler:
 
     def _account(self, ticket: Ticket, now: float) -> None:
         """Count a request whose sequences have all been admitted and have all finished."""
-        if ticket.over or ticket.live or ticket.admitted < len(ticket.specs):
+        if ticket.over or ticket.admitted < len(ticket.specs) or self._running(ticket):
             return
         ticket.over = True
         self.metrics.e2e.observe(now - ticket.arrived)
