@@ -61,7 +61,7 @@ NASTY = [math.nan, math.inf, -math.inf, 1e-300, 5e-324, -0.0, 1e308, 10**400, -(
          2**64, -1, 0, 1, True, False, None, "", "\ud800", "\udfff x", "x" * 5000, "中" * 3000, [], {}, [[]],
          [None], {"a": 1}, ["\ud800"], [-1], [10**30], [2**63], [[-5]], OVERFLOW, DEEP, [DEEP]]
 HOSTILE = st.one_of(st.sampled_from(NASTY), anything)
-STATUSES: list[int] = []  # every fuzzed request's status, for the check that both sides were reached
+FUZZED: list[int] = []  # the fuzzer's statuses, for the check that it reaches both sides
 
 
 @st.composite
@@ -107,14 +107,17 @@ def before(server):
     return known(server)
 
 
-def check(server: ServerProcess, raw: bytes, health: bool = True) -> str | None:
+def check(server: ServerProcess, raw: bytes, health: bool = True, statuses: list[int] | None = None
+          ) -> str | None:
     """Send `raw`; what is wrong with the answer, or None: no 5xx, a short OpenAI error body for a
-    refusal, a whole stream or answer otherwise, and (`health`) the server still healthy."""
+    refusal, a whole stream or answer otherwise, and (`health`) the server still healthy. The
+    status is appended to `statuses`."""
     with httpx.stream("POST", server.url + "/v1/completions", content=raw, timeout=TIMEOUT_S,
                       headers={"content-type": "application/json"}) as response:
         content = response.read()
         status, kind = response.status_code, response.headers.get("content-type", "")
-    STATUSES.append(status)
+    if statuses is not None:
+        statuses.append(status)
     if status >= 500:
         return f"{status}: {content[:300]!r}"
     if status != 200:
@@ -152,14 +155,15 @@ def test_every_field_takes_every_nasty_value(server, before):
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(raw=requests())
 def test_no_request_breaks_the_server(server, before, raw):
-    problem = check(server, raw)
+    problem = check(server, raw, statuses=FUZZED)
     assert problem is None, problem
 
 
 def test_afterwards_a_known_request_answers_as_before(server, before):
     assert known(server) == before
     assert server.metric("bloom_runtime:request_failure_total", reason="error") == 0
-    if not STATUSES:
+    if not FUZZED:
         pytest.skip("the fuzzer did not run in this session (run the module whole)")
-    answered = STATUSES.count(200) / len(STATUSES)
-    assert 0.1 <= answered <= 0.9, f"{answered:.0%} answered: the fuzzer reaches one side only"
+    answered = FUZZED.count(200) / len(FUZZED)
+    print(f"the fuzzer: {answered:.0%} of {len(FUZZED)} requests answered, the rest refused")
+    assert 0.05 <= answered <= 0.95, f"{answered:.0%} answered: the fuzzer reaches one side only"
