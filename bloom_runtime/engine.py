@@ -170,9 +170,7 @@ class Engine:
     ) -> list[str]:
         """Continuations of each prompt, decoded, ending before EOS (the model's, unless the settings
         name another) or a stop string of the settings' `stop`."""
-        texts: list[Detokenizer] = []
-        for texts in self._texts(prompts, generation_config, settings):  # noqa: B007 (the last step's)
-            pass
+        *_, texts = self._texts(prompts, generation_config, settings)  # every step yields the same list
         return [text.flush() for text in texts]
 
     def stream_text(

@@ -76,7 +76,7 @@ class Tokenizer:
         """Left-padded `input_ids` and `attention_mask`, both [B, S] int64."""
         if isinstance(texts, str) or not texts:
             raise InputError("prompts: expected a non-empty list of strings")
-        rows = [self.encode(text) for text in texts]
+        rows = self.encode_many(texts)
         for i, row in enumerate(rows):
             if not row:
                 raise InputError(f"prompt {i} is empty: nothing to condition generation on")

@@ -15,6 +15,14 @@ from bloom_runtime.bench.servers import free_port
 START_TIMEOUT_S = 180
 
 
+def wait_for(condition, timeout: float = 60) -> None:
+    """Poll `condition` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the server"
+        time.sleep(0.05)
+
+
 class ServerProcess:
     def __init__(self, *args: str, launcher: list[str] | None = None) -> None:
         self.port = free_port()

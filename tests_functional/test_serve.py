@@ -18,7 +18,7 @@ import time
 import httpx
 import openai
 import pytest
-from serve_process import ServerProcess
+from serve_process import ServerProcess, wait_for
 
 import bloom_runtime as br
 
@@ -203,9 +203,9 @@ def test_a_full_queue_answers_429_with_retry_after(engine):
             url = busy.url + "/v1/completions"
             post = functools.partial(httpx.post, url, json=long, timeout=CLIENT_TIMEOUT_S)
             running = pool.submit(post)
-            _wait_for(lambda: busy.metric("bloom_runtime:num_requests_running") == 1)
+            wait_for(lambda: busy.metric("bloom_runtime:num_requests_running") == 1)
             waiting = pool.submit(post)
-            _wait_for(lambda: busy.metric("bloom_runtime:num_requests_waiting") == 1)
+            wait_for(lambda: busy.metric("bloom_runtime:num_requests_waiting") == 1)
             refused = httpx.post(busy.url + "/v1/completions", json=long, timeout=30)
             assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
             assert refused.json()["error"]["code"] == "queue_full"
@@ -228,13 +228,6 @@ def test_sigterm_lets_a_running_stream_finish_and_exits_0(engine):
     assert json.loads(chunks[-2][5:])["usage"]["completion_tokens"] == 300
     assert json.loads(chunks[-3][5:])["choices"][0]["finish_reason"] == "length"
     assert process.stop() == 0
-
-
-def _wait_for(condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the server"
-        time.sleep(0.05)
 
 
 def test_under_torchrun_two_ranks_serve_what_one_does(tmp_path, client):

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 import torch
-from serve_process import ServerProcess
+from serve_process import ServerProcess, wait_for
 
 import bloom_runtime as br
 from bloom_runtime.serving.protocol import MAX_CHOICES
@@ -170,8 +170,8 @@ def test_a_client_that_leaves_a_non_streamed_request_cancels_it(server, engine):
     with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                      b"content-length: %d\r\n\r\n%s" % (len(body), body))
-        _wait_for(lambda: server.metric("bloom_runtime:num_requests_running") == 1)
-    _wait_for(lambda: server.metric("bloom_runtime:num_requests_running") == 0, timeout=10)
+        wait_for(lambda: server.metric("bloom_runtime:num_requests_running") == 1)
+    wait_for(lambda: server.metric("bloom_runtime:num_requests_running") == 0, timeout=10)
     assert server.metric("bloom_runtime:request_failure_total", reason="cancelled") == cancelled + 1
     made = server.metric("bloom_runtime:generation_tokens_total") - generated
     assert made < 1000, f"{made} tokens generated for a client that had left"
@@ -200,7 +200,7 @@ def test_slow_and_stalled_clients_hold_up_no_one(server, engine):
     finally:
         for sock in sockets:
             sock.close()
-    _wait_for(lambda: server.metric("bloom_runtime:num_requests_running") == 0, timeout=30)
+    wait_for(lambda: server.metric("bloom_runtime:num_requests_running") == 0, timeout=30)
 
 
 def test_parsing_a_large_body_does_not_stall_the_event_loop(server, engine):
@@ -250,21 +250,15 @@ def test_text_runs_on_past_an_eos(server, engine):
     assert got.json()["choices"][0]["text"] == "中国网络" + engine.tokenizer.decode(new)
 
 
-def _wait_for(condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the server"
-        time.sleep(0.05)
-
-
-def test_a_dead_scheduler_says_503_and_health_tells_the_truth(unused_port):
+def test_a_dead_scheduler_says_503_and_health_tells_the_truth():
     """Bug: after the scheduler died, every request got 429 'busy, retry later' for good. The
     model here raises inside the scheduler's loop (an in-process server, so it can)."""
     import uvicorn
 
+    from bloom_runtime.bench.servers import free_port
     from bloom_runtime.serving.app import create_app
 
-    engine = br.load("tiny")
+    engine, unused_port = br.load("tiny"), free_port()
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("the device fell over")
@@ -277,7 +271,7 @@ def test_a_dead_scheduler_says_503_and_health_tells_the_truth(unused_port):
     thread.start()
     url = f"http://127.0.0.1:{unused_port}"
     try:
-        _wait_for(lambda: server.started)
+        wait_for(lambda: server.started)
         body = {"prompt": PROMPT, "max_tokens": 3}
         first = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT_S)
         assert "the device fell over" in assert_error(first, 500)["message"]
@@ -288,10 +282,3 @@ def test_a_dead_scheduler_says_503_and_health_tells_the_truth(unused_port):
     finally:
         server.should_exit = True
         thread.join(TIMEOUT_S)
-
-
-@pytest.fixture
-def unused_port() -> int:
-    from bloom_runtime.bench.servers import free_port
-
-    return free_port()

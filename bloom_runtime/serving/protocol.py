@@ -99,10 +99,6 @@ class Completion:
     logprobs: int | None
 
     @property
-    def choices(self) -> int:
-        return len(self.prompts) * self.n
-
-    @property
     def prompt_logprobs(self) -> int | None:
         """With echo and logprobs, the prompt's tokens are scored too (what lm-eval asks for)."""
         return self.logprobs if self.echo else None

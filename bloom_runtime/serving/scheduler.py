@@ -232,6 +232,10 @@ class Scheduler:
         """The keys of `ticket`'s sequences in the batch."""
         return [spec.key for spec in ticket.specs[:ticket.admitted] if self.running.get(spec.key) is ticket]
 
+    def _runs(self, ticket: Ticket) -> bool:
+        """Whether any of `ticket`'s sequences is in the batch (stops at the first)."""
+        return any(self.running.get(spec.key) is ticket for spec in ticket.specs[:ticket.admitted])
+
     def _leave(self, keys: list[int]) -> None:
         """Sequences that leave the batch before the next step."""
         for key in keys:
@@ -327,7 +331,7 @@ class Scheduler:
 
     def _account(self, ticket: Ticket, now: float) -> None:
         """Count a request whose sequences have all been admitted and have all finished."""
-        if ticket.over or ticket.admitted < len(ticket.specs) or self._running(ticket):
+        if ticket.over or ticket.admitted < len(ticket.specs) or self._runs(ticket):
             return
         ticket.over = True
         self.metrics.e2e.observe(now - ticket.arrived)
