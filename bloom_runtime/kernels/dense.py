@@ -2,8 +2,10 @@
 
 Candidates: `F.linear` on the plain weight; oneDNN's matmul on the weight reordered
 once into its blocked layout (it raises where the CPU lacks 16-bit instructions,
-e.g. bfloat16 on AVX2); and float32 arithmetic on the 16-bit weight (converted per
-call: storage stays 16-bit), which wins where 16-bit GEMMs are emulated.
+e.g. bfloat16 on AVX2); the native library's variants, which read the plain weight
+(so a tied head may use them too) and stream it at the memory's pace for few rows;
+and float32 arithmetic on the 16-bit weight (converted per call: storage stays
+16-bit), which wins where 16-bit GEMMs are emulated.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from .native import NativeKernel, variants_of
 from .selection import Kernel, Problem, Role, activations, register
 
 
@@ -59,10 +62,25 @@ class OneDnnPacked(Kernel):
         return self.packed.to_dense()
 
 
+class Native(NativeKernel):
+    """bfloat16 weights widened to float32 (or paired in vdpbf16ps: avx512-bf16), float16 ones by
+    F16C; float32 sums, the bias added once, rounded once to the activations' dtype."""
+
+    @classmethod
+    def unsupported(cls, problem: Problem) -> str | None:
+        if problem.dtype == "float16" and cls.variant in ("portable", "avx512-bf16"):
+            return "float16 runs in the avx2 and avx512 variants"  # none, or the same code again
+        return super().unsupported(problem)
+
+    def forward(self, owner, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.bloom_native.dense16(x.contiguous(), owner.weight, owner.bias, self.index)
+
+
 @register
 class Dense16(Role):
     name = "dense16"
-    candidates = (OneDnnPacked, Plain, Float32)
+    candidates = (OneDnnPacked, *variants_of(Native, "portable", "avx2", "avx512", "avx512-bf16"), Plain,
+                  Float32)
 
     @classmethod
     def sample(cls, problem: Problem, rows: int, generator: torch.Generator):

@@ -3,8 +3,10 @@
 The owner gives its int4 values (`int4_values()`: int8 [N, K] in [-8, 7], K whole
 groups), their float32 `weight_scale` [N, K / group] and `GROUP`; activations come
 padded to K. Candidates: aten's `_weight_int4pack_mm_for_cpu` on weights repacked once
-(bfloat16 activations: its other variants are far slower), and dequantizing per call
-into the activations' dtype (no second layout held; what other devices run).
+(bfloat16 activations: its other variants are far slower); the native library's
+variants, which read the owner's packed words (`weight_packed`, compressed-tensors'
+layout) with no second layout; and dequantizing per call into the activations' dtype
+(no second layout held; what other devices run).
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
+from .native import NativeKernel, variants_of
 from .selection import Kernel, Problem, Role, activations, register
 
 INT4PACK_GROUPS = (32, 64, 128, 256)
+BITS = 4
 
 
 class Int4Pack(Kernel):
@@ -61,17 +66,33 @@ class Dequantize(Kernel):
         return F.linear(x, owner.int4_values().to(x.dtype) * scale)
 
 
+class Native(NativeKernel):
+    """Nibbles widened in registers and scaled per group, float32 multiply-adds with the activations."""
+
+    @classmethod
+    def unsupported(cls, problem: Problem) -> str | None:
+        group = problem.group
+        if group < 32 or group & (group - 1):
+            return f"groups of a power of two from 32 only, not {group}"
+        return super().unsupported(problem)
+
+    def forward(self, owner, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.bloom_native.w4a16(x.contiguous(), owner.weight_packed, owner.weight_scale,
+                                            owner.GROUP, self.index)
+
+
 @register
 class W4A16(Role):
     name = "w4a16"
-    candidates = (Int4Pack, Dequantize)
+    candidates = (Int4Pack, *variants_of(Native, "portable", "avx2", "avx512"), Dequantize)
 
     @classmethod
     def sample(cls, problem: Problem, rows: int, generator: torch.Generator):
         n, k, group = problem.outputs, problem.inputs, problem.group
         q = torch.randint(-8, 8, (n, k), generator=generator, dtype=torch.int8).to(problem.device)
         scale = (torch.rand(n, k // group, generator=generator) * 0.02 + 1e-3).to(problem.device)
-        owner = SimpleNamespace(int4_values=lambda: q, weight_scale=scale, GROUP=group)
+        packed = pack_to_int32(q.cpu(), BITS).to(q.device)
+        owner = SimpleNamespace(int4_values=lambda: q, weight_packed=packed, weight_scale=scale, GROUP=group)
         return owner, [(activations(problem, rows, generator),)]
 
     @classmethod

@@ -10,8 +10,10 @@ bits (vpmaddubsw), which saturate for uint8 inputs above 127. The split form
 feeds the same GEMM q = 2h + l as two 7-bit halves (h + 64 and l + 64, all <= 127)
 stacked in one call, so no pair sum can saturate and the weights are read once.
 `torch._int_mm` lowers to oneDNN on CPU too (and saturates alike where oneDNN runs
-AVX2 kernels); float32 sums are the last resort. The probe keeps those that are
-exact here.
+AVX2 kernels). The native library's variants sum exactly on every ISA: VNNI's
+u8 x s8 dot on q + 128 (the weight rows' sums take the 128 back out), and elsewhere
+int8 widened to int16 and pairs summed in 32 bits (vpmaddwd), which cannot saturate.
+Float32 sums are the last resort. The probe keeps those that are exact here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from .native import NativeKernel, variants_of
 from .selection import Kernel, Problem, Role, activations, register
 
 # torch 2.13's int8pack CPU kernel segfaults on a weight that does not start on a 16-byte boundary
@@ -69,10 +72,18 @@ class Dequantize(Kernel):
         return F.linear(x, owner.weight.to(x.dtype)) * owner.weight_scale.view(-1).to(x.dtype)
 
 
+class NativeW8A16(NativeKernel):
+    """int8 weights widened to float32 in registers, float32 sums, the channel scale once."""
+
+    def forward(self, owner, x: torch.Tensor) -> torch.Tensor:
+        scale = owner.weight_scale.view(-1)
+        return torch.ops.bloom_native.w8a16(x.contiguous(), owner.weight, scale, self.index)
+
+
 @register
 class W8A16(Role):
     name = "w8a16"
-    candidates = (Int8Pack, Dequantize)
+    candidates = (Int8Pack, *variants_of(NativeW8A16, "portable", "avx2", "avx512"), Dequantize)
 
     @classmethod
     def sample(cls, problem: Problem, rows: int, generator: torch.Generator):
@@ -219,10 +230,24 @@ class OneDnnSplit(_OneDnn):
         return self.epilogue(acc, x_scale, out_dtype)
 
 
+class NativeW8A8(NativeKernel, _Int8Gemm):
+    """Exact int32 sums on the plain weight; zero point, scales and bias in one epilogue."""
+
+    def __init__(self, owner) -> None:
+        super().__init__(owner)
+        self.register_buffer("weight_sums", owner.weight.sum(dim=1, dtype=torch.int32), persistent=False)
+
+    def forward(self, owner, q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        native = torch.ops.bloom_native
+        return native.w8a8(q.contiguous(), x_scale, owner.weight, self.weight_scale, self.bias,
+                           self.weight_sums, self.zero_point, out_dtype, self.index)
+
+
 @register
 class W8A8(Role):
     name = "w8a8"
-    candidates = (OneDnnU8, OneDnnSplit, IntMM, Float32Sums)
+    candidates = (OneDnnU8, OneDnnSplit,
+                  *variants_of(NativeW8A8, "portable", "avx2", "avx512", "avx512-vnni"), IntMM, Float32Sums)
     ZERO_POINT = 3  # probes run with a zero point: static asymmetric activations have one
 
     @classmethod

@@ -10,7 +10,8 @@ def describe(decisions: list[Decision]) -> str:
     not), its times at the timed row counts, and which row counts it serves."""
     lines = []
     for decision in decisions:
-        lines.append(f"{decision.problem.key()}  ({decision.source})")
+        contended = ", timed under load from other processes: not cached" if decision.contended else ""
+        lines.append(f"{decision.problem.key()}  ({decision.source}{contended})")
         for trial in decision.trials:
             served = [str(rows) for rows, name in decision.serves.items() if name == trial.name]
             times = "  ".join(f"{rows}:{trial.ms[rows]:.3f}" for rows in TIMED_ROWS if rows in trial.ms)

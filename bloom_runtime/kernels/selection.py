@@ -9,9 +9,15 @@ serves. The correct ones are timed at a decode-sized, a small-batch and a
 prefill-sized row count, and the fastest serves the row counts nearest each.
 Nothing here knows which CPU is fast at what: every figure comes from the probe.
 
+Candidates are timed in turns, one run each, and keep their fastest run, so a burst
+of load elsewhere slows all of them alike. A decision timed while other processes
+used a quarter of the CPUs or more serves this process but is not cached: the next
+load probes again.
+
 Decisions are kept per machine (CPU model and flags, the ISA caps oneDNN and aten
-obey, threads, torch version) in `$BLOOM_RUNTIME_CACHE_DIR` (default
-`~/.cache/bloom-runtime`), so a second load probes nothing.
+obey, threads, torch version, this runtime's version and its native library's build)
+in `$BLOOM_RUNTIME_CACHE_DIR` (default `~/.cache/bloom-runtime`), so a second load
+probes nothing.
 
     BLOOM_RUNTIME_KERNELS="w8a8=int_mm,dense16=plain"   force a kernel per role (tests, A/B runs),
                                                          wherever it may hold the weights it needs
@@ -46,7 +52,9 @@ TIMED_ROWS = (1, 16, 128)  # decode, a batch of decodes, prefill; a call takes t
 PROBED_ROWS = (1, 17)  # correctness: one row, and an odd count past any vector width
 PROBED_OUTPUTS = 48  # outputs checked against float64 (errors depend on the input width, kept real)
 TIMED_OUTPUTS = 2048  # timing shape's cap on outputs: time grows with them, the choice does not
-TIME_BUDGET_S = 0.25  # per candidate and row count: at least one run, at most 5
+TIME_BUDGET_S = 0.25  # per candidate and row count: at least one round, at most ROUNDS
+ROUNDS = 5
+CONTENDED_SHARE = 0.25  # of all CPUs, used by other processes while timing: the times are not kept
 RING_BYTES, RING_MAX = 32 * 2**20, 8  # distinct weights a timing cycles through (elements; at most)
 
 
@@ -153,6 +161,7 @@ class Decision:
     serves: dict[int, str]
     trials: list[Trial]
     source: str = "probed"  # probed | cache | forced
+    contended: bool = False  # timed while other processes used the CPUs: serves, is not cached
 
     def name_for(self, rows: int) -> str:
         """The kernel for a call with `rows` rows: that of the nearest timed row count (log scale)."""
@@ -192,7 +201,7 @@ class Selector:
         key = problem.key()
         if key not in self.decided:
             decision = self._cached(problem) or probe(problem)
-            if decision.source == "probed" and self.use_cache:
+            if decision.source == "probed" and self.use_cache and not decision.contended:
                 self._store(key, decision)
             self.decided[key] = decision
         return self.decided[key]
@@ -246,9 +255,14 @@ def default_cache_dir() -> Path:
 
 
 def machine_fingerprint() -> str:
-    """What a decision depends on: the CPU, the dispatch caps, threads and torch."""
+    """What a decision depends on: the CPU, the dispatch caps, threads, torch, this runtime's version
+    and its native library's build (an edited kernel is probed again)."""
+    from .. import __version__
+    from .native import NATIVE_ENV, build_id
+
     parts = [platform.machine(), _cpu_model_and_flags(), torch.__version__, str(torch.get_num_threads()),
-             *(f"{name}={os.environ.get(name, '')}" for name in ISA_CAPS)]
+             *(f"{name}={os.environ.get(name, '')}" for name in (*ISA_CAPS, NATIVE_ENV)), __version__,
+             build_id()]
     if torch.cuda.is_available():
         parts += [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
@@ -298,27 +312,40 @@ def probe(problem: Problem) -> Decision:
     if not correct:
         lines = "; ".join(f"{t.name}: {t.why}" for t in trials)
         raise RuntimeError(f"no kernel computes {problem.key()} correctly on this machine ({lines})")
+    contended = False
     if len(correct) > 1:
-        for trial in correct:
-            trial.ms = _times(role, candidate(problem.role, trial.name), problem)
-    return Decision(problem, _winners(problem.role, correct), trials)
+        before, start = _cpu_seconds(), time.perf_counter()
+        classes = [candidate(problem.role, trial.name) for trial in correct]
+        for trial, ms in zip(correct, _times(role, classes, problem)):
+            trial.ms = ms
+        contended = _contended(before, time.perf_counter() - start)
+    return Decision(problem, _winners(problem.role, correct), trials, contended=contended)
 
 
 def _winners(role: str, correct: list[Trial]) -> dict[int, str]:
-    """The fastest per row count; but one kernel throughout if a winner takes the weight over
-    while another needs it plain (it would be held twice): the one least slow over all row
-    counts, by the product of its times relative to the fastest at each."""
+    """Which kernel serves each timed row count: the fastest at each, unless that would hold a
+    weight twice (a kernel that takes the weight over beside one that needs it plain). Then the
+    least slow of the ways that hold it once: each kernel that takes it over, throughout, or the
+    fastest at each row count among those that keep it plain; slowness is the product over row
+    counts of the time relative to the fastest there."""
+    fastest = {rows: min(t.ms.get(rows, math.inf) for t in correct) for rows in TIMED_ROWS}
+
+    def best_of(trials: list[Trial]) -> dict[int, str]:
+        return {rows: min(trials, key=lambda t: t.ms.get(rows, math.inf)).name for rows in TIMED_ROWS}
+
+    def slowness(serves: dict[int, str]) -> float:
+        ms = {t.name: t.ms for t in correct}
+        return sum(math.log(ms[name][rows] / fastest[rows]) for rows, name in serves.items())
+
     if len(correct) == 1:
         return dict.fromkeys(TIMED_ROWS, correct[0].name)
-    fastest = {rows: min(t.ms[rows] for t in correct) for rows in TIMED_ROWS}
-    serves = {rows: next(t.name for t in correct if t.ms[rows] == fastest[rows]) for rows in TIMED_ROWS}
+    serves = best_of(correct)
     names = set(serves.values())
-    if len(names) > 1 and any(candidate(role, n).drops for n in names):
-        def slowness(trial: Trial) -> float:
-            return sum(math.log(trial.ms[rows] / fastest[rows]) for rows in TIMED_ROWS)
-
-        serves = dict.fromkeys(TIMED_ROWS, min(correct, key=slowness).name)
-    return serves
+    if len(names) == 1 or not any(candidate(role, n).drops for n in names):
+        return serves
+    plain = [t for t in correct if not candidate(role, t.name).drops]
+    options = [dict.fromkeys(TIMED_ROWS, t.name) for t in correct if candidate(role, t.name).drops]
+    return min(options + ([best_of(plain)] if plain else []), key=slowness)
 
 
 def _may_serve(cls: type[Kernel], problem: Problem) -> bool:
@@ -360,17 +387,20 @@ def activations(problem: Problem, rows: int, generator: torch.Generator) -> torc
     return x.to(problem.device, problem.torch_dtype)
 
 
-def _times(role: type[Role], cls: type[Kernel], problem: Problem) -> dict[int, float]:
-    """ms per call at each timed row count, cycling through distinct weights (RING_BYTES of them
-    at least, up to RING_MAX) so that, as in a decode step, they are not all in the nearest cache."""
+def _times(role: type[Role], classes: list[type[Kernel]], problem: Problem) -> list[dict[int, float]]:
+    """ms per call of each candidate at each timed row count. Each cycles through distinct weights
+    (RING_BYTES of them at least, up to RING_MAX) so that, as in a decode step, they are not all in
+    the nearest cache; the candidates take turns, one run each, and each keeps its fastest run, so a
+    burst of load elsewhere slows a round of all of them rather than one candidate's every run."""
     generator = torch.Generator().manual_seed(1)
     timed = dataclasses.replace(problem, outputs=min(problem.outputs, TIMED_OUTPUTS))
     copies = min(RING_MAX, max(1, math.ceil(RING_BYTES / (timed.outputs * timed.inputs))))
-    out = {}
+    out: list[dict[int, float]] = [{} for _ in classes]
     for rows in TIMED_ROWS:
         samples = [role.sample(timed, rows, generator) for _ in range(copies)]
-        calls = [(cls(owner), owner, inputs[0]) for owner, inputs in samples]
-        out[rows] = _best_ms(_cycle(calls), problem.device) / copies
+        runs = [_cycle([(cls(owner), owner, inputs[0]) for owner, inputs in samples]) for cls in classes]
+        for times, best in zip(out, _interleaved_best_ms(runs, problem.device)):
+            times[rows] = best / copies
     return out
 
 
@@ -381,16 +411,43 @@ def _cycle(calls: list[tuple[Kernel, Any, tuple]]) -> Callable[[], None]:
     return run
 
 
-def _best_ms(fn: Callable[[], object], device: str) -> float:
+def _interleaved_best_ms(runs: list[Callable[[], object]], device: str) -> list[float]:
+    """The fastest of up to ROUNDS turns of each of `runs`, taken in turn (at least one round, and
+    rounds while TIME_BUDGET_S a run remains)."""
     from ..device import synchronize
 
     where = torch.device(device)
-    fn(), synchronize(where)  # warm: first-call setup is not the kernel's speed
-    best, spent, runs = float("inf"), 0.0, 0
-    while runs < 5 and (runs == 0 or spent < TIME_BUDGET_S):
-        start = time.perf_counter()
-        fn()
-        synchronize(where)
-        elapsed = time.perf_counter() - start
-        best, spent, runs = min(best, elapsed), spent + elapsed, runs + 1
-    return best * 1e3
+    for fn in runs:
+        fn(), synchronize(where)  # warm: first-call setup is not the kernel's speed
+    best, spent = [float("inf")] * len(runs), 0.0
+    for round_ in range(ROUNDS):
+        if round_ and spent >= TIME_BUDGET_S * len(runs):
+            break
+        for i, fn in enumerate(runs):
+            start = time.perf_counter()
+            fn()
+            synchronize(where)
+            elapsed = time.perf_counter() - start
+            best[i], spent = min(best[i], elapsed), spent + elapsed
+    return [b * 1e3 for b in best]
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(busy seconds of every CPU of the machine, CPU seconds of this process) so far; None where
+    /proc/stat cannot be read. Busy counts steal: a hypervisor's other guests contend too."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+    own = os.times()
+    return busy, own.user + own.system
+
+
+def _contended(before: tuple[float, float] | None, wall_s: float) -> bool:
+    """Whether other processes took more than CONTENDED_SHARE of the machine's CPUs while timing."""
+    after = _cpu_seconds()
+    if before is None or after is None or wall_s <= 0:
+        return False
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return others > CONTENDED_SHARE * wall_s * (os.cpu_count() or 1)

@@ -1,0 +1,416 @@
+// bloom_runtime's native decode kernels, as torch ops in the `bloom_native` namespace.
+//
+// Matrix products for few activation rows, written to stream the weights at the memory's pace:
+// int8 x int8 with exact int32 sums (W8A8), int8, int4 and 16-bit weights x float activations
+// (W8A16, W4A16, dense bfloat16/float16), and the one-pass per-token int8 quantization W8A8 feeds
+// them. Each exists in ISA variants (variant.h, compiled here once per variant under its own target
+// pragma; the library itself is built for the baseline ISA); a call names its variant, and
+// `supported` says which this CPU can run. Which variant serves, if any, is the probe's decision
+// (bloom_runtime/kernels/selection.py), never this file's.
+//
+// Threads are torch's own pool (at::parallel_for over tiles of output rows); activations are
+// prepared once per call into a buffer kept by the calling thread, so a decode step allocates
+// only its outputs.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#define I8_PORTABLE 0
+#define I8_MADD256 1
+#define I8_MADD512 2
+#define I8_VNNI 3
+
+namespace portable {
+#define VBYTES 16
+#define I8_KIND I8_PORTABLE
+#define F16C 0
+#define BF16DOT 0
+#include "variant.h"
+#undef VBYTES
+#undef I8_KIND
+#undef F16C
+#undef BF16DOT
+}  // namespace portable
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#define VBYTES 32
+#define I8_KIND I8_MADD256
+#define F16C 1
+#define BF16DOT 0
+#include "variant.h"
+#undef VBYTES
+#undef I8_KIND
+#undef F16C
+#undef BF16DOT
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace avx512 {
+#define VBYTES 64
+#define I8_KIND I8_MADD512
+#define F16C 1
+#define BF16DOT 0
+#include "variant.h"
+#undef VBYTES
+#undef I8_KIND
+#undef F16C
+#undef BF16DOT
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
+namespace avx512_vnni {
+#define VBYTES 64
+#define I8_KIND I8_VNNI
+#define F16C 1
+#define BF16DOT 0
+#include "variant.h"
+#undef VBYTES
+#undef I8_KIND
+#undef F16C
+#undef BF16DOT
+}  // namespace avx512_vnni
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c")
+namespace avx512_bf16 {
+#define VBYTES 64
+#define I8_KIND I8_VNNI
+#define F16C 1
+#define BF16DOT 1
+#include "variant.h"
+#undef VBYTES
+#undef I8_KIND
+#undef F16C
+#undef BF16DOT
+}  // namespace avx512_bf16
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+using I8Rows = void (*)(const int8_t*, const void*, int64_t, int64_t, int64_t, int64_t, int32_t*, int64_t);
+using FloatRows = void (*)(const uint16_t*, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+using I8wRows = void (*)(const int8_t*, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+using I4Rows = void (*)(const uint8_t*, const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
+                        float*, int64_t);
+using Bf16DotRows = void (*)(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, int64_t, float*,
+                             int64_t);
+
+enum class I8Act { Int32, Int16, Uint8Plus128 };
+
+struct Variant {
+  const char* name;
+  bool (*supported)();
+  I8Act i8_act;
+  int i4_lanes;  // F: an int4 step takes 2F inputs, F even ones then F odd ones
+  I8Rows i8;
+  FloatRows bf16;
+  FloatRows f16;  // nullptr: no float16 conversion in this variant
+  I8wRows i8w;
+  I4Rows i4;
+  Bf16DotRows bf16dot;  // nullptr: no bfloat16 dot instruction
+};
+
+#if defined(__x86_64__)
+const Variant VARIANTS[] = {
+    {"portable", [] { return true; }, I8Act::Int32, portable::F, portable::i8_rows, portable::bf16_rows, nullptr,
+     portable::i8w_rows, portable::i4_rows, nullptr},
+    {"avx2", [] { return bool(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")); }, I8Act::Int16,
+     avx2::F, avx2::i8_rows, avx2::bf16_rows, avx2::f16_rows, avx2::i8w_rows, avx2::i4_rows, nullptr},
+    {"avx512", [] { return bool(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")); },
+     I8Act::Int16, avx512::F, avx512::i8_rows, avx512::bf16_rows, avx512::f16_rows, avx512::i8w_rows, avx512::i4_rows,
+     nullptr},
+    {"avx512-vnni", [] { return VARIANTS[2].supported() && bool(__builtin_cpu_supports("avx512vnni")); },
+     I8Act::Uint8Plus128, avx512_vnni::F, avx512_vnni::i8_rows, avx512_vnni::bf16_rows, avx512_vnni::f16_rows,
+     avx512_vnni::i8w_rows, avx512_vnni::i4_rows, nullptr},
+    {"avx512-bf16", [] { return VARIANTS[3].supported() && bool(__builtin_cpu_supports("avx512bf16")); },
+     I8Act::Uint8Plus128, avx512_bf16::F, avx512_bf16::i8_rows, avx512_bf16::bf16_rows, avx512_bf16::f16_rows,
+     avx512_bf16::i8w_rows, avx512_bf16::i4_rows, avx512_bf16::bf16dot_rows},
+};
+#else
+const Variant VARIANTS[] = {
+    {"portable", [] { return true; }, I8Act::Int32, portable::F, portable::i8_rows, portable::bf16_rows, nullptr,
+     portable::i8w_rows, portable::i4_rows, nullptr},
+};
+#endif
+constexpr int64_t N_VARIANTS = sizeof VARIANTS / sizeof VARIANTS[0];
+
+const Variant& variant(int64_t index) {
+  TORCH_CHECK(index >= 0 && index < N_VARIANTS, "bloom_native: no variant ", index);
+  const Variant& v = VARIANTS[index];
+  TORCH_CHECK(v.supported(), "bloom_native: this CPU cannot run the ", v.name, " variant");
+  return v;
+}
+
+// Per-thread buffers that grow and are kept: a decode step allocates no scratch.
+template <class T>
+T* scratch(std::vector<T>& buffer, int64_t n) {
+  if (int64_t(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+void check_rows(const at::Tensor& t, const char* what, int64_t width) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.is_contiguous(), "bloom_native: ", what,
+              " must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(t.size(1) == width, "bloom_native: ", what, " has ", t.size(1), " columns, not ", width);
+}
+
+void check_vector(const at::Tensor& t, const char* what, int64_t n, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.numel() == n && t.scalar_type() == dtype,
+              "bloom_native: ", what, " must be ", n, " contiguous ", c10::toString(dtype), " values");
+}
+
+// Splits output columns [0, N) into tiles of four rows of the weight for torch's threads, at least
+// `min_bytes` of weights a task, and runs `body(n0, n1)` on each part.
+template <class Body>
+void over_outputs(int64_t N, int64_t row_bytes, const Body& body) {
+  constexpr int64_t TILE = 4, MIN_BYTES = 64 * 1024;
+  int64_t tiles = (N + TILE - 1) / TILE;
+  int64_t grain = std::max<int64_t>(1, MIN_BYTES / std::max<int64_t>(1, TILE * row_bytes));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { body(t0 * TILE, std::min(N, t1 * TILE)); });
+}
+
+// Activations [M, K] of any float dtype as float32 rows (the buffer of the calling thread, or x's own).
+const float* as_float(const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
+  thread_local std::vector<float> buffer;
+  int64_t n = x.numel();
+  float* out = scratch(buffer, n);
+  if (x.scalar_type() == at::kBFloat16) {
+    auto in = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    for (int64_t i = 0; i < n; i++) out[i] = portable::bf16_to_float(in[i]);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kHalf, "bloom_native: activations must be float32, bfloat16 or float16");
+    auto in = x.data_ptr<at::Half>();
+    for (int64_t i = 0; i < n; i++) out[i] = float(in[i]);
+  }
+  return out;
+}
+
+at::Tensor cast_out(const at::Tensor& sums, at::ScalarType dtype) {
+  return dtype == at::kFloat ? sums : sums.to(dtype);
+}
+
+// ---- ops ---------------------------------------------------------------------------------------
+
+std::vector<std::string> variants() {
+  std::vector<std::string> names;
+  for (const Variant& v : VARIANTS) names.emplace_back(v.name);
+  return names;
+}
+
+bool supported(int64_t index) { return index >= 0 && index < N_VARIANTS && VARIANTS[index].supported(); }
+
+// x [M, K] -> (q int8 [M, K], scale float32 [M, 1]): scale = max(|row|, 1e-8) / 127 and
+// q = round-half-even(x / scale), clamped to [-128, 127], in one pass over each row (two reads).
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "bloom_native: quantize_rows takes [M, K]");
+  at::Tensor xc = x.contiguous();
+  int64_t M = xc.size(0), K = xc.size(1);
+  const float* in = as_float(xc);
+  at::Tensor q = at::empty({M, K}, xc.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M, 1}, xc.options().dtype(at::kFloat));
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++) {
+      const float* row = in + m * K;
+      float absmax = 0;
+      for (int64_t k = 0; k < K; k++) absmax = std::max(absmax, std::fabs(row[k]));
+      float s = std::max(absmax, 1e-8f) / 127.0f;
+      sp[m] = s;
+      for (int64_t k = 0; k < K; k++)
+        qp[m * K + k] = int8_t(std::min(127.0f, std::max(-128.0f, std::nearbyint(row[k] / s))));
+    }
+  });
+  return {q, scale};
+}
+
+// ((q - zero_point) @ w^T) * weight_scale * x_scale + bias in out_dtype, the sums exact in int32.
+// x_scale: [M, 1] (per row) or one number; weight_sums [N] int32: each weight row's sum.
+at::Tensor w8a8(const at::Tensor& q, const at::Tensor& x_scale, const at::Tensor& weight,
+                const at::Tensor& weight_scale, const c10::optional<at::Tensor>& bias, const at::Tensor& weight_sums,
+                int64_t zero_point, at::ScalarType out_dtype, int64_t index) {
+  const Variant& v = variant(index);
+  int64_t N = weight.size(0), K = weight.size(1), M = q.size(0);
+  check_rows(weight, "weight", K);
+  check_rows(q, "q", K);
+  TORCH_CHECK(q.scalar_type() == at::kChar && weight.scalar_type() == at::kChar, "bloom_native: w8a8 is int8");
+  check_vector(weight_scale, "weight_scale", N, at::kFloat);
+  check_vector(weight_sums, "weight_sums", N, at::kInt);
+  TORCH_CHECK(x_scale.numel() == M || x_scale.numel() == 1, "bloom_native: x_scale is per row or one number");
+  at::Tensor xs = x_scale.to(at::kFloat).contiguous();
+  at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  if (b.defined()) check_vector(b, "bias", N, at::kFloat);
+
+  thread_local std::vector<int32_t> act32;
+  thread_local std::vector<int16_t> act16;
+  thread_local std::vector<uint8_t> act8;
+  thread_local std::vector<int32_t> sums;
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const void* act;
+  int32_t shift = 0;  // what the prepared activations add to q
+  if (v.i8_act == I8Act::Int32) {
+    int32_t* a = scratch(act32, M * K);
+    for (int64_t i = 0; i < M * K; i++) a[i] = qp[i];
+    act = a;
+  } else if (v.i8_act == I8Act::Int16) {
+    int16_t* a = scratch(act16, M * K);
+    for (int64_t i = 0; i < M * K; i++) a[i] = qp[i];
+    act = a;
+  } else {
+    uint8_t* a = scratch(act8, M * K);
+    for (int64_t i = 0; i < M * K; i++) a[i] = uint8_t(qp[i]) ^ 0x80;
+    act = a;
+    shift = 128;
+  }
+  int32_t* acc = scratch(sums, M * N);
+  at::Tensor out = at::empty({M, N}, q.options().dtype(out_dtype));
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* ws = weight_scale.data_ptr<float>();
+  const int32_t* wsum = weight_sums.data_ptr<int32_t>();
+  const float* xsp = xs.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  int64_t offset = shift + zero_point;
+  bool per_row = xs.numel() == M && M > 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "bloom_native::w8a8", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    over_outputs(N, K, [&](int64_t n0, int64_t n1) {
+      v.i8(w, act, M, K, n0, n1, acc, N);
+      for (int64_t m = 0; m < M; m++) {
+        float xsm = xsp[per_row ? m : 0];
+        for (int64_t n = n0; n < n1; n++) {
+          float y = float(int64_t(acc[m * N + n]) - offset * wsum[n]) * ws[n];
+          op[m * N + n] = scalar_t(bp ? std::fma(y, xsm, bp[n]) : y * xsm);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// x [M, K] @ (weight * weight_scale)^T for int8 weights, in x's dtype.
+at::Tensor w8a16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale, int64_t index) {
+  const Variant& v = variant(index);
+  int64_t N = weight.size(0), K = weight.size(1), M = x.size(0);
+  check_rows(weight, "weight", K);
+  check_rows(x, "x", K);
+  TORCH_CHECK(weight.scalar_type() == at::kChar, "bloom_native: w8a16 weights are int8");
+  check_vector(weight_scale, "weight_scale", N, at::kFloat);
+  const float* xf = as_float(x);
+  at::Tensor sums = at::empty({M, N}, x.options().dtype(at::kFloat));
+  float* sp = sums.data_ptr<float>();
+  const float* ws = weight_scale.data_ptr<float>();
+  over_outputs(N, K, [&](int64_t n0, int64_t n1) {
+    v.i8w(weight.data_ptr<int8_t>(), xf, M, K, n0, n1, sp, N);
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t n = n0; n < n1; n++) sp[m * N + n] *= ws[n];
+  });
+  return cast_out(sums, x.scalar_type());
+}
+
+// x [M, K] @ w^T for int4 weights in compressed-tensors' packed words [N, K / 8] with float32
+// scales [N, K / group], in x's dtype. K must be whole groups, a group a power of two from 32 (whole
+// steps of every variant).
+at::Tensor w4a16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t group,
+                 int64_t index) {
+  const Variant& v = variant(index);
+  int64_t N = packed.size(0), K = packed.size(1) * 8, M = x.size(0);
+  check_rows(packed, "packed", K / 8);
+  check_rows(x, "x", K);
+  TORCH_CHECK(packed.scalar_type() == at::kInt, "bloom_native: packed int4 weights are int32 words");
+  TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0 && K % group == 0, "bloom_native: group ", group,
+              " must be a power of two from 32, dividing ", K);
+  check_vector(scale, "scale", N * (K / group), at::kFloat);
+  // Each step of 2F inputs: its F even inputs, then its F odd ones (a byte's low and high nibbles).
+  thread_local std::vector<float> permuted;
+  const float* xf = as_float(x);
+  float* xp = scratch(permuted, M * K);
+  int64_t lanes = v.i4_lanes;
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t k0 = 0; k0 < K; k0 += 2 * lanes)
+      for (int64_t t = 0; t < lanes; t++) {
+        xp[m * K + k0 + t] = xf[m * K + k0 + 2 * t];
+        xp[m * K + k0 + lanes + t] = xf[m * K + k0 + 2 * t + 1];
+      }
+  at::Tensor sums = at::empty({M, N}, x.options().dtype(at::kFloat));
+  auto w = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
+  over_outputs(N, K / 2, [&](int64_t n0, int64_t n1) {
+    v.i4(w, scale.data_ptr<float>(), __builtin_ctzll(group), xp, M, K, n0, n1, sums.data_ptr<float>(), N);
+  });
+  return cast_out(sums, x.scalar_type());
+}
+
+// x [M, K] @ weight^T + bias for bfloat16 or float16 x and weight, in their dtype.
+at::Tensor dense16(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                   int64_t index) {
+  const Variant& v = variant(index);
+  int64_t N = weight.size(0), K = weight.size(1), M = x.size(0);
+  check_rows(weight, "weight", K);
+  check_rows(x, "x", K);
+  bool bf16 = weight.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type() && (bf16 || weight.scalar_type() == at::kHalf),
+              "bloom_native: dense16 takes bfloat16 or float16 x and weight alike");
+  TORCH_CHECK(bf16 || v.f16, "bloom_native: the ", v.name, " variant has no float16 conversion");
+  at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  if (b.defined()) check_vector(b, "bias", N, at::kFloat);
+  auto w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+  auto xh = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const float* xf = bf16 && v.bf16dot ? nullptr : as_float(x);
+  at::Tensor sums = at::empty({M, N}, x.options().dtype(at::kFloat));
+  float* sp = sums.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  over_outputs(N, 2 * K, [&](int64_t n0, int64_t n1) {
+    if (!xf)
+      v.bf16dot(w, xh, M, K, n0, n1, sp, N);
+    else
+      (bf16 ? v.bf16 : v.f16)(w, xf, M, K, n0, n1, sp, N);
+    if (bp)
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) sp[m * N + n] += bp[n];
+  });
+  return cast_out(sums, x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bloom_native, m) {
+  m.def("variants() -> str[]", &variants);
+  m.def("supported(int variant) -> bool", &supported);
+  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
+  m.def("w8a8(Tensor q, Tensor x_scale, Tensor weight, Tensor weight_scale, Tensor? bias, Tensor weight_sums, "
+        "int zero_point, ScalarType out_dtype, int variant) -> Tensor");
+  m.def("w8a16(Tensor x, Tensor weight, Tensor weight_scale, int variant) -> Tensor");
+  m.def("w4a16(Tensor x, Tensor packed, Tensor scale, int group, int variant) -> Tensor");
+  m.def("dense16(Tensor x, Tensor weight, Tensor? bias, int variant) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bloom_native, CPU, m) {
+  m.impl("quantize_rows", &quantize_rows);
+  m.impl("w8a8", &w8a8);
+  m.impl("w8a16", &w8a16);
+  m.impl("w4a16", &w4a16);
+  m.impl("dense16", &dense16);
+}

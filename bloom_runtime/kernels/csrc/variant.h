@@ -1,0 +1,268 @@
+// One ISA variant of the decode kernels: the sums of weight rows [n0, n1) with M activation rows.
+//
+// decode.cpp includes this file once per variant, inside `namespace <variant>` and under that
+// variant's target pragma, with VBYTES (its vector width in bytes) and the I8_KIND, BF16DOT and F16C
+// switches set. Everything here is inline or static, so each copy is compiled for its own ISA and
+// no instruction of one variant reaches another. The epilogues (scales, bias, output dtype) are
+// decode.cpp's, shared by all variants; only the inner products live here.
+//
+// Weights are read in tiles of NR rows, each weight vector loaded and converted once for up to MR
+// activation rows: at one row (decode) a step streams the weights once at the memory's pace; at
+// many rows (prefill) each converted weight serves MR multiply-adds.
+
+constexpr int F = VBYTES / 4;  // float or int32 lanes of a vector
+constexpr int MR = 4, NR = 4;
+
+typedef float vf __attribute__((vector_size(VBYTES)));
+typedef int32_t vi __attribute__((vector_size(VBYTES)));
+typedef int8_t vb __attribute__((vector_size(F)));        // F int8
+typedef uint8_t vub __attribute__((vector_size(F)));      // F uint8
+typedef uint16_t vh __attribute__((vector_size(2 * F)));  // F 16-bit floats
+
+template <class V>
+static inline V load(const void* p) {
+  V v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <class V>
+static inline auto total(V v) {
+  auto s = v[0];
+  for (size_t i = 1; i < sizeof v / sizeof v[0]; i++) s += v[i];
+  return s;
+}
+
+// Widening loads: F narrow integers to F int32 lanes (GCC scalarizes __builtin_convertvector between
+// these widths, so the x86 variants name the instruction).
+#if VBYTES == 64
+static inline vi widen_i8(const int8_t* p) { return (vi)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+static inline vi widen_u8(const uint8_t* p) { return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+static inline vi widen_u16(const uint16_t* p) {
+  return (vi)_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+}
+#elif VBYTES == 32
+static inline vi widen_i8(const int8_t* p) { return (vi)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+static inline vi widen_u8(const uint8_t* p) { return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+static inline vi widen_u16(const uint16_t* p) { return (vi)_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)); }
+#else
+static inline vi widen_i8(const int8_t* p) { return __builtin_convertvector(load<vb>(p), vi); }
+static inline vi widen_u8(const uint8_t* p) { return __builtin_convertvector(load<vub>(p), vi); }
+static inline vi widen_u16(const uint16_t* p) { return __builtin_convertvector(load<vh>(p), vi); }
+#endif
+
+static inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = uint32_t(h) << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+// The tile: MR_ activation rows x NR_ weight rows, K inputs. `Op` says what a step of STEP inputs
+// does: `weights(row, k)` loads and converts a row's weights once, `acts(x)` an activation row's
+// once, `madd` multiplies the two into an accumulator; `one` is the scalar form for the inputs past
+// the last step.
+template <int MR_, int NR_, class Op>
+static inline void tile(const Op& op, int64_t n, const typename Op::X* x, int64_t M_stride, int64_t K,
+                        typename Op::S* out, int64_t ldo) {
+  typename Op::Acc acc[MR_][NR_];
+  for (int m = 0; m < MR_; m++)
+    for (int r = 0; r < NR_; r++) acc[m][r] = typename Op::Acc{};
+  int64_t k = 0;
+  for (; k + Op::STEP <= K; k += Op::STEP) {
+    typename Op::WV wv[NR_];
+    for (int r = 0; r < NR_; r++) wv[r] = op.weights(n + r, k);
+    for (int m = 0; m < MR_; m++) {
+      typename Op::XV xv = Op::acts(x + m * M_stride + k);
+      for (int r = 0; r < NR_; r++) acc[m][r] = Op::madd(acc[m][r], wv[r], xv);
+    }
+  }
+  for (int m = 0; m < MR_; m++)
+    for (int r = 0; r < NR_; r++) {
+      typename Op::S s = total(acc[m][r]);
+      for (int64_t t = k; t < K; t++) s += op.one(n + r, t, x[m * M_stride + t]);
+      out[m * ldo + r] = s;
+    }
+}
+
+// Rows [n0, n1) of out [M, ldo] (column n0 first): whole tiles, then single rows and columns.
+template <class Op>
+static void rows(const Op& op, const typename Op::X* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                 typename Op::S* out, int64_t ldo) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR) tile<MR, NR>(op, n, x + m * K, K, K, out + m * ldo + n, ldo);
+    for (; m < M; m++) tile<1, NR>(op, n, x + m * K, K, K, out + m * ldo + n, ldo);
+  }
+  for (; n < n1; n++) {
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR) tile<MR, 1>(op, n, x + m * K, K, K, out + m * ldo + n, ldo);
+    for (; m < M; m++) tile<1, 1>(op, n, x + m * K, K, K, out + m * ldo + n, ldo);
+  }
+}
+
+// ---- int8 x int8, exact int32 sums ------------------------------------------------------------
+// Activations come prepared (decode.cpp's prepare_i8) as I8_ACT says: int32 (portable), int16
+// (pairs multiplied and added in 32 bits by madd: exact for every int8), or uint8 q + 128 (VNNI's
+// u8 x s8 dot; decode.cpp subtracts 128 x the row's weight sum).
+struct I8 {
+  const int8_t* w;
+  int64_t K;
+  typedef int32_t S;
+  typedef vi Acc;
+#if I8_KIND == I8_VNNI
+  typedef uint8_t X;
+  typedef __m512i WV;
+  static constexpr int STEP = 64;
+  WV weights(int64_t n, int64_t k) const { return _mm512_loadu_si512(w + n * K + k); }
+  typedef __m512i XV;
+  static XV acts(const X* x) { return _mm512_loadu_si512(x); }
+  static Acc madd(Acc acc, WV wv, XV xv) { return (Acc)_mm512_dpbusd_epi32((__m512i)acc, xv, wv); }
+#elif I8_KIND == I8_MADD512
+  typedef int16_t X;
+  typedef __m512i WV;
+  static constexpr int STEP = 32;
+  WV weights(int64_t n, int64_t k) const {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + n * K + k)));
+  }
+  typedef __m512i XV;
+  static XV acts(const X* x) { return _mm512_loadu_si512(x); }
+  static Acc madd(Acc acc, WV wv, XV xv) { return acc + (Acc)_mm512_madd_epi16(wv, xv); }
+#elif I8_KIND == I8_MADD256
+  typedef int16_t X;
+  typedef __m256i WV;
+  static constexpr int STEP = 16;
+  WV weights(int64_t n, int64_t k) const {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w + n * K + k)));
+  }
+  typedef __m256i XV;
+  static XV acts(const X* x) { return _mm256_loadu_si256((const __m256i*)x); }
+  static Acc madd(Acc acc, WV wv, XV xv) { return acc + (Acc)_mm256_madd_epi16(wv, xv); }
+#else
+  typedef int32_t X;
+  typedef vi WV;
+  static constexpr int STEP = F;
+  WV weights(int64_t n, int64_t k) const { return widen_i8(w + n * K + k); }
+  typedef vi XV;
+  static XV acts(const X* x) { return load<vi>(x); }
+  static Acc madd(Acc acc, WV wv, XV xv) { return acc + wv * xv; }
+#endif
+  S one(int64_t n, int64_t k, X x) const { return S(w[n * K + k]) * S(x); }
+};
+
+static void i8_rows(const int8_t* w, const void* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                    int32_t* out, int64_t ldo) {
+  rows(I8{w, K}, static_cast<const I8::X*>(x), M, K, n0, n1, out, ldo);
+}
+
+// ---- 16-bit or int8 weights x float32 activations, float32 sums --------------------------------
+struct Bf16Weights {
+  static vf convert(const uint16_t* p) {
+    return (vf)(widen_u16(p) << 16);
+  }
+  static float scalar(uint16_t h) { return bf16_to_float(h); }
+};
+
+#if F16C
+struct F16Weights {
+#if VBYTES == 64
+  static vf convert(const uint16_t* p) { return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+#else
+  static vf convert(const uint16_t* p) { return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+#endif
+  static float scalar(uint16_t h) { return _cvtsh_ss(h); }
+};
+#endif
+
+struct I8Weights {
+  static vf convert(const int8_t* p) { return __builtin_convertvector(widen_i8(p), vf); }
+  static float scalar(int8_t v) { return float(v); }
+};
+
+template <class T, class Conv>
+struct FloatDot {
+  const T* w;
+  int64_t K;
+  typedef float S;
+  typedef float X;
+  typedef vf Acc;
+  typedef vf WV;
+  static constexpr int STEP = F;
+  WV weights(int64_t n, int64_t k) const { return Conv::convert(w + n * K + k); }
+  typedef vf XV;
+  static XV acts(const X* x) { return load<vf>(x); }
+  static Acc madd(Acc acc, WV wv, XV xv) { return acc + wv * xv; }
+  S one(int64_t n, int64_t k, X x) const { return Conv::scalar(w[n * K + k]) * x; }
+};
+
+static void bf16_rows(const uint16_t* w, const float* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                      float* out, int64_t ldo) {
+  rows(FloatDot<uint16_t, Bf16Weights>{w, K}, x, M, K, n0, n1, out, ldo);
+}
+
+#if F16C
+static void f16_rows(const uint16_t* w, const float* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                     float* out, int64_t ldo) {
+  rows(FloatDot<uint16_t, F16Weights>{w, K}, x, M, K, n0, n1, out, ldo);
+}
+#endif
+
+static void i8w_rows(const int8_t* w, const float* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                     float* out, int64_t ldo) {
+  rows(FloatDot<int8_t, I8Weights>{w, K}, x, M, K, n0, n1, out, ldo);
+}
+
+#if BF16DOT
+// bfloat16 x bfloat16 pairs summed in float32 by vdpbf16ps: the activations stay bfloat16.
+struct Bf16Dot {
+  const uint16_t* w;
+  int64_t K;
+  typedef float S;
+  typedef uint16_t X;
+  typedef vf Acc;
+  typedef __m512i WV;
+  static constexpr int STEP = 32;
+  WV weights(int64_t n, int64_t k) const { return _mm512_loadu_si512(w + n * K + k); }
+  typedef __m512i XV;
+  static XV acts(const X* x) { return _mm512_loadu_si512(x); }
+  static Acc madd(Acc acc, WV wv, XV xv) { return (Acc)_mm512_dpbf16_ps((__m512)acc, (__m512bh)xv, (__m512bh)wv); }
+  S one(int64_t n, int64_t k, X x) const { return bf16_to_float(w[n * K + k]) * bf16_to_float(x); }
+};
+
+static void bf16dot_rows(const uint16_t* w, const uint16_t* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                         float* out, int64_t ldo) {
+  rows(Bf16Dot{w, K}, x, M, K, n0, n1, out, ldo);
+}
+#endif
+
+// ---- int4 weights (compressed-tensors' words: byte t of a row holds inputs 2t and 2t + 1 as
+// nibbles q + 8, low first) x float32 activations. A step takes F bytes (2F inputs); decode.cpp
+// permutes each activation row so the step's even inputs come first, then its odd ones
+// (permute_i4). The group's scale multiplies the converted weights: the dequantized math.
+struct I4 {
+  const uint8_t* w;  // [N, K / 2]
+  const float* scale;  // [N, K / group]
+  int64_t K, log2_group;  // groups are powers of two: the scale's index is a shift, not a division
+  typedef float S;
+  typedef float X;
+  typedef vf Acc;
+  struct WV {
+    vf lo, hi;
+  };
+  typedef WV XV;  // the step's even inputs, then its odd ones
+  static constexpr int STEP = 2 * F;
+  WV weights(int64_t n, int64_t k) const {
+    vi b = widen_u8(w + (n * K + k) / 2);
+    float s = scale[(n * K + k) >> log2_group];
+    return {__builtin_convertvector((b & 15) - 8, vf) * s, __builtin_convertvector((b >> 4) - 8, vf) * s};
+  }
+  static XV acts(const X* x) { return {load<vf>(x), load<vf>(x + F)}; }
+  static Acc madd(Acc acc, const WV& wv, const XV& xv) { return acc + wv.lo * xv.lo + wv.hi * xv.hi; }
+  S one(int64_t, int64_t, X) const { return 0; }  // K is whole steps (a group is whole steps)
+};
+
+static void i4_rows(const uint8_t* w, const float* scale, int64_t log2_group, const float* x, int64_t M,
+                    int64_t K, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  rows(I4{w, scale, K, log2_group}, x, M, K, n0, n1, out, ldo);
+}

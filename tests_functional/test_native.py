@@ -1,0 +1,194 @@
+"""The native decode kernels: every variant this CPU can run, forced one at a time, against float64.
+
+Inputs are made to break them: full-range int8 with runs of -128 and 127 (which saturate 16-bit
+pair sums), widths that are no multiple of any vector (the scalar tails), 1, 5 and 17 rows (the
+row tiles and their tails), outputs that are no multiple of the tile (the last rows), tensors that
+start one element past an aligned address, and enough work that torch's threads split the outputs.
+`.ci/run` runs this file once more against a library built with -fsanitize=address,undefined,
+and once under the AVX2 cap (where only the portable and avx2 variants may run).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+from bloom_runtime.kernels import Problem, native
+from bloom_runtime.kernels import selection as sel
+from bloom_runtime.quant import int8 as quant_int8
+
+VARIANTS = ("portable", "avx2", "avx512", "avx512-vnni", "avx512-bf16")
+SHAPES = [(1, 259, 1037), (5, 259, 1037), (17, 67, 96), (1, 3, 13)]  # rows, outputs, inputs
+INT4_SHAPES = [(1, 259, 1024), (5, 67, 256), (17, 5, 512)]
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request) -> int:
+    why = native.unavailable(request.param)
+    if why is not None:
+        pytest.skip(f"{request.param}: {why}")
+    return native.variant_index(request.param)
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `t` that starts one element past where an allocation would."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = flat[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def full_range_int8(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    q = torch.randint(-128, 128, shape, generator=generator, dtype=torch.int8)
+    extremes = torch.rand(*shape, generator=generator) < 0.5
+    ends = torch.where(torch.rand(*shape, generator=generator) < 0.5, -128, 127).to(torch.int8)
+    q[extremes] = ends[extremes]
+    return q
+
+
+def error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("rows,outputs,inputs", SHAPES)
+@pytest.mark.parametrize("zero_point", [0, 3])
+def test_w8a8_sums_exactly(variant, rows, outputs, inputs, zero_point):
+    """Guards a lost tail, a wrong VNNI offset (q + 128 and the weight sums), saturated pair sums,
+    and threads that overwrite each other's outputs: exact sums leave only float32 scaling."""
+    g = torch.Generator().manual_seed(rows * outputs + inputs)
+    w = misaligned(full_range_int8(outputs, inputs, generator=g))
+    q = misaligned(full_range_int8(rows, inputs, generator=g))
+    w_scale = torch.rand(outputs, generator=g) * 1e-3 + 1e-4
+    bias = torch.randn(outputs, generator=g)
+    sums = w.sum(dim=1, dtype=torch.int32)
+    exact = (q.double() - zero_point) @ w.double().t()
+    for x_scale in (torch.rand(rows, 1, generator=g) + 0.5, torch.tensor([0.75])):
+        want = exact * w_scale.double() * x_scale.double() + bias.double()
+        ops = torch.ops.bloom_native
+        got = ops.w8a8(q, x_scale, w, w_scale, bias, sums, zero_point, torch.float32, variant)
+        assert error(got, want) < 1e-6
+        got16 = ops.w8a8(q, x_scale, w, w_scale, None, sums, zero_point, torch.bfloat16, variant)
+        assert got16.dtype == torch.bfloat16
+        assert error(got16, exact * w_scale.double() * x_scale.double()) < 2 * torch.finfo(torch.bfloat16).eps
+
+
+@pytest.mark.parametrize("rows,outputs,inputs", SHAPES)
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_dense16_matches_float64(variant, rows, outputs, inputs, half):
+    if half == torch.float16 and variant == native.variant_index("portable"):
+        pytest.skip("the portable variant converts no float16")
+    g = torch.Generator().manual_seed(rows + outputs * inputs)
+    w = misaligned((torch.randn(outputs, inputs, generator=g) * 0.05).to(half))
+    x = misaligned(torch.randn(rows, inputs, generator=g).to(half))
+    bias = torch.randn(outputs, generator=g).to(half)
+    want = x.double() @ w.double().t() + bias.double()
+    got = torch.ops.bloom_native.dense16(x, w, bias, variant)
+    assert got.dtype == half and error(got, want) < 2 * torch.finfo(half).eps  # float32 sums, rounded once
+
+
+@pytest.mark.parametrize("rows,outputs,inputs", SHAPES)
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
+def test_w8a16_matches_float64(variant, rows, outputs, inputs, act):
+    g = torch.Generator().manual_seed(outputs + rows * inputs)
+    w = misaligned(full_range_int8(outputs, inputs, generator=g))
+    scale = torch.rand(outputs, generator=g) * 1e-3 + 1e-4
+    x = misaligned(torch.randn(rows, inputs, generator=g).to(act))
+    want = x.double() @ (w.double() * scale.double()[:, None]).t()
+    got = torch.ops.bloom_native.w8a16(x, w, scale, variant)
+    assert got.dtype == act and error(got, want) < 2 * max(torch.finfo(act).eps, 1e-6)
+
+
+@pytest.mark.parametrize("rows,outputs,inputs", INT4_SHAPES)
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_w4a16_matches_the_dequantized_float64(variant, rows, outputs, inputs, group):
+    """Guards a swapped nibble order, a lost -8 offset and a scale of the wrong group."""
+    g = torch.Generator().manual_seed(rows + outputs + inputs + group)
+    q = torch.randint(-8, 8, (outputs, inputs), generator=g, dtype=torch.int8)
+    q[:, ::7] = -8  # the extremes of the nibble range
+    q[:, 3::7] = 7
+    scale = torch.rand(outputs, inputs // group, generator=g) * 0.02 + 1e-3
+    packed = misaligned(pack_to_int32(q, 4))
+    x = misaligned(torch.randn(rows, inputs, generator=g).to(torch.bfloat16))
+    want = x.double() @ (q.double() * scale.double().repeat_interleave(group, dim=1)).t()
+    got = torch.ops.bloom_native.w4a16(x, packed, scale, group, variant)
+    assert error(got, want) < 2 * torch.finfo(torch.bfloat16).eps
+
+
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_pass_quantization_equals_the_torch_ops_bit_for_bit(act):
+    """Guards rounding half away from zero, a scale from another formula, and the clamp: ties
+    (x / scale exactly n + 0.5), a row of zeros, a row with one element, and huge values."""
+    if native.available() is not None:
+        pytest.skip(f"no native library: {native.available()}")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1037, generator=g) * 3
+    x[1] = 0
+    x[2, :] = torch.arange(1037) - 518.0  # absmax 518: scale 518 / 127; many exact ties below
+    x[2, 0] = 518 / 127 * 2.5
+    x[3] *= torch.finfo(act).max / x[3].abs().max()  # the largest finite values
+    x[4, 1:] = 0
+    x = x.to(act)
+    q, scale = torch.ops.bloom_native.quantize_rows(x)
+    flat = x.float()
+    want_scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
+    want_q = torch.round(flat / want_scale).clamp(-128, 127).to(torch.int8)
+    assert torch.equal(scale, want_scale) and torch.equal(q, want_q)
+    assert torch.equal(quant_int8.quantize_per_token(x)[0], want_q)  # what W8A8 layers call
+
+
+def test_every_variant_is_a_candidate_the_probe_checks_and_times():
+    """The registry offers each variant of each role, and the probe decides among them here."""
+    problem = Problem("w8a8", "cpu", "bfloat16", 64, 1024)
+    decision = sel.probe(problem)
+    trials = {t.name: t for t in decision.trials}
+    for name in ("portable", "avx2", "avx512", "avx512-vnni"):
+        trial = trials[f"native-{name}"]
+        assert trial.correct == (native.unavailable(name) is None), trial.why
+        assert trial.correct <= bool(trial.ms)  # timed when correct
+
+
+def test_the_build_is_keyed_by_its_sources_and_the_decisions_by_the_build(tmp_path, monkeypatch):
+    """Guards an edited kernel keeping the old library or the old verdicts."""
+    before, fingerprint = native.build_id(), sel.machine_fingerprint()
+    copy = tmp_path / "csrc"
+    copy.mkdir()
+    for source in native.SOURCES.iterdir():
+        (copy / source.name).write_text(source.read_text() + ("\n// edited" if source.suffix == ".h" else ""))
+    monkeypatch.setattr(native, "SOURCES", copy)
+    assert native.build_id() != before and sel.machine_fingerprint() != fingerprint
+
+
+def test_without_a_compiler_one_line_says_so_and_torch_kernels_serve(tmp_path):
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), sel.CACHE_DIR_ENV: str(tmp_path / "c")}
+    env.pop(sel.FORCE_ENV, None)
+    command = ["generate", "Hi", "--max-new-tokens", "4", "--dtype", "bf16", "--quant", "w8a8"]
+    done = subprocess.run([sys.executable, "-m", "bloom_runtime", *command], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "native" in line]
+    assert len(lines) == 1 and "no native kernels" in lines[0] and "no-such-compiler" in lines[0], lines
+    assert not list((tmp_path / "c").glob("native/*.so"))
+
+
+def test_a_library_built_on_one_machine_never_runs_a_variant_this_cpu_lacks():
+    """`supported` follows the CPU's own report (cpuid), so a cached build from an AVX-512 machine,
+    loaded on an AVX2 one, refuses its AVX-512 variants instead of faulting."""
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if not flags or native.available() is not None:
+        pytest.skip("needs /proc/cpuinfo and the native library")
+    names = {"avx2": "avx2", "avx512": "avx512bw", "avx512-vnni": "avx512_vnni", "avx512-bf16": "avx512_bf16"}
+    for variant, flag in names.items():
+        index = native.variant_index(variant)
+        assert torch.ops.bloom_native.supported(index) == (flag in flags), variant
+    unsupported = [v for v, flag in names.items() if flag not in flags]
+    for variant in unsupported:
+        with pytest.raises(RuntimeError, match="cannot run"):
+            torch.ops.bloom_native.dense16(torch.zeros(1, 8, dtype=torch.bfloat16),
+                                           torch.zeros(2, 8, dtype=torch.bfloat16), None,
+                                           native.variant_index(variant))
