@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import BloomConfig
 from .errors import BloomRuntimeError, InputError
-from .loader import DTYPES, Source, load, parameter_count
+from .loader import DTYPES, Source, canonical_dtype, load, parameter_count
 from .parallel import shutdown
 from .quant import LINEARS, QuantSpec
 from .sampling import GenerationConfig
@@ -37,7 +37,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 def _runtime_args(parser: argparse.ArgumentParser) -> None:
     _model_args(parser)
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the float parts")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), type=canonical_dtype,
+                        help="dtype of the float parts")
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:i] or npu[:i]")
     parser.add_argument("--quant", default=None, choices=list(LINEARS),
                         help="quantize on load (a quantized checkpoint needs none)")
@@ -176,7 +177,7 @@ def _weights_parser(sub) -> None:
                             "(w4a16 writes an int8 head; quantize-on-load keeps it int4)")
     quant.add_argument("--calib-samples", type=int, default=16, help="128-token calibration windows")
     quant.add_argument("--calib-data", default=None, help="a UTF-8 text file (default: embedded text)")
-    quant.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+    quant.add_argument("--dtype", default="float32", choices=sorted(DTYPES), type=canonical_dtype,
                        help="dtype of the parts that stay float")
     quant.add_argument("--seed", type=int, default=0)
     quant.add_argument("--force", action="store_true", help="replace an existing output")

@@ -45,6 +45,12 @@ DTYPES = {
 }  # fmt: skip
 
 
+def canonical_dtype(name: str) -> str:
+    """torch's name for a dtype given by any of its names ("bf16" -> "bfloat16"): what peers and
+    reports are told. An unknown name passes through (argparse's choices refuse it)."""
+    return str(DTYPES[name]).removeprefix("torch.") if name in DTYPES else name
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype) and name in DTYPES.values():
         return name

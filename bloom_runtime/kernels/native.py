@@ -142,7 +142,10 @@ def unavailable(variant: str) -> str | None:
 
 @functools.cache
 def variant_index(variant: str) -> int | None:
-    """The library's index of `variant` (what the ops take), None if not built for this architecture."""
+    """The library's index of `variant` (what the ops take), None if there is no library or it has no
+    such variant (one built for another architecture)."""
+    if _loaded() is not None:
+        return None
     names = list(torch.ops.bloom_native.variants())
     return names.index(variant) if variant in names else None
 
@@ -163,6 +166,9 @@ class NativeKernel(Kernel):
 
     def __init__(self, owner: Any) -> None:
         super().__init__(owner)
+        why = unavailable(self.variant)
+        if why is not None:
+            raise RuntimeError(f"native-{self.variant}: {why}")
         self.index = variant_index(self.variant)
 
 

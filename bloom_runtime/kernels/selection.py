@@ -223,6 +223,8 @@ class Selector:
         names = [c.name for c in ROLES[problem.role].candidates]
         if decision is None or [t.name for t in decision.trials] != names:
             return None  # decided among other candidates: probe again
+        if any(candidate(problem.role, name).unsupported(problem) for name in set(decision.serves.values())):
+            return None  # a kernel it chose cannot run now (its native library failed to build): probe again
         return decision
 
     def _store(self, key: str, decision: Decision) -> None:
