@@ -39,10 +39,6 @@ namespace portable {
 #define F16C 0
 #define BF16DOT 0
 #include "variant.h"
-#undef VBYTES
-#undef I8_KIND
-#undef F16C
-#undef BF16DOT
 }  // namespace portable
 
 #if defined(__x86_64__)
@@ -54,10 +50,6 @@ namespace avx2 {
 #define F16C 1
 #define BF16DOT 0
 #include "variant.h"
-#undef VBYTES
-#undef I8_KIND
-#undef F16C
-#undef BF16DOT
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -69,10 +61,6 @@ namespace avx512 {
 #define F16C 1
 #define BF16DOT 0
 #include "variant.h"
-#undef VBYTES
-#undef I8_KIND
-#undef F16C
-#undef BF16DOT
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -84,10 +72,6 @@ namespace avx512_vnni {
 #define F16C 1
 #define BF16DOT 0
 #include "variant.h"
-#undef VBYTES
-#undef I8_KIND
-#undef F16C
-#undef BF16DOT
 }  // namespace avx512_vnni
 #pragma GCC pop_options
 
@@ -99,10 +83,6 @@ namespace avx512_bf16 {
 #define F16C 1
 #define BF16DOT 1
 #include "variant.h"
-#undef VBYTES
-#undef I8_KIND
-#undef F16C
-#undef BF16DOT
 }  // namespace avx512_bf16
 #pragma GCC pop_options
 #endif

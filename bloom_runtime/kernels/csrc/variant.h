@@ -2,9 +2,10 @@
 //
 // decode.cpp includes this file once per variant, inside `namespace <variant>` and under that
 // variant's target pragma, with VBYTES (its vector width in bytes) and the I8_KIND, BF16DOT and F16C
-// switches set. Everything here is inline or static, so each copy is compiled for its own ISA and
-// no instruction of one variant reaches another. The epilogues (scales, bias, output dtype) are
-// decode.cpp's, shared by all variants; only the inner products live here.
+// switches set (and undefined again at the end). Everything here is inline or static, so each copy
+// is compiled for its own ISA and no instruction of one variant reaches another. The epilogues
+// (scales, bias, output dtype) are decode.cpp's, shared by all variants; only the inner products
+// live here.
 //
 // Weights are read in tiles of NR rows, each weight vector loaded and converted once for up to MR
 // activation rows: at one row (decode) a step streams the weights once at the memory's pace; at
@@ -291,3 +292,8 @@ static void i4_rows(const uint8_t* w, const float* scale, int64_t log2_group, co
                     int64_t K, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   rows(I4{w, scale, K, log2_group}, x, M, K, n0, n1, out, ldo);
 }
+
+#undef VBYTES  // the next variant sets its own
+#undef I8_KIND
+#undef F16C
+#undef BF16DOT
