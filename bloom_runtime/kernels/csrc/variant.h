@@ -7,12 +7,12 @@
 // (scales, bias, output dtype) are decode.cpp's, shared by all variants; only the inner products
 // live here.
 //
-// Weights are read in tiles of NR rows, each weight vector loaded and converted once for up to MR
+// Weights are read one row at a time, each weight vector loaded and converted once for up to MR
 // activation rows: at one row (decode) a step streams the weights once at the memory's pace; at
 // many rows (prefill) each converted weight serves MR multiply-adds.
 
 constexpr int F = VBYTES / 4;  // float or int32 lanes of a vector
-constexpr int MR = 4, NR = 4;
+constexpr int MR = 4;  // activation rows a weight vector serves once loaded
 
 typedef float vf __attribute__((vector_size(VBYTES)));
 typedef int32_t vi __attribute__((vector_size(VBYTES)));
@@ -77,50 +77,47 @@ static inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-// The tile: MR_ activation rows x NR_ weight rows, K inputs. `Op` says what a step of STEP inputs
-// does: `weights(row, k)` loads and converts a row's weights once, `acts(x)` an activation row's
-// once, `madd` multiplies the two into an accumulator; `one` is the scalar form for the inputs past
-// the last step.
-template <int MR_, int NR_, class Op>
-static inline void tile(const Op& op, int64_t n, const typename Op::X* x, int64_t M_stride, int64_t K,
-                        typename Op::S* out, int64_t ldo) {
-  typename Op::Acc acc[MR_][NR_];
-  for (int m = 0; m < MR_; m++)
-    for (int r = 0; r < NR_; r++) acc[m][r] = typename Op::Acc{};
+// The tile: MR_ activation rows against one weight row, K inputs. `Op` says what a step of STEP
+// inputs does: `weights(row, k)` loads and converts the row's weights once for all MR_ activation
+// rows, `acts(x)` loads an activation row's, `madd` multiplies the two into an accumulator; `one` is
+// the scalar form for the inputs past the last step. One weight row at a time keeps the weights a
+// single sequential stream, which the hardware prefetchers follow at the memory's pace (four rows
+// interleaved ran at two thirds of it on the EPYC this was written on, prefetch hints or not). Two
+// accumulators a row, taking alternate steps, halve the chain of dependent multiply-adds.
+template <int MR_, class Op>
+static inline void tile(const Op& op, int64_t n, const typename Op::X* x, int64_t K, typename Op::S* out,
+                        int64_t ldo) {
+  typename Op::Acc even[MR_], odd[MR_];
+  for (int m = 0; m < MR_; m++) even[m] = odd[m] = typename Op::Acc{};
   int64_t k = 0;
-  for (; k + Op::STEP <= K; k += Op::STEP) {
-    typename Op::WV wv[NR_];
-    for (int r = 0; r < NR_; r++) {
-      __builtin_prefetch(op.address(n + NR_ + r, k));  // the next tile's rows (a hint: never faults)
-      wv[r] = op.weights(n + r, k);
-    }
+  for (; k + 2 * Op::STEP <= K; k += 2 * Op::STEP) {
+    typename Op::WV w0 = op.weights(n, k), w1 = op.weights(n, k + Op::STEP);
     for (int m = 0; m < MR_; m++) {
-      typename Op::XV xv = Op::acts(x + m * M_stride + k);
-      for (int r = 0; r < NR_; r++) acc[m][r] = Op::madd(acc[m][r], wv[r], xv);
+      even[m] = Op::madd(even[m], w0, Op::acts(x + m * K + k));
+      odd[m] = Op::madd(odd[m], w1, Op::acts(x + m * K + k + Op::STEP));
     }
   }
-  for (int m = 0; m < MR_; m++)
-    for (int r = 0; r < NR_; r++) {
-      typename Op::S s = total(acc[m][r]);
-      for (int64_t t = k; t < K; t++) s += op.one(n + r, t, x[m * M_stride + t]);
-      out[m * ldo + r] = s;
-    }
+  if (k + Op::STEP <= K) {
+    typename Op::WV w0 = op.weights(n, k);
+    for (int m = 0; m < MR_; m++) even[m] = Op::madd(even[m], w0, Op::acts(x + m * K + k));
+    k += Op::STEP;
+  }
+  for (int m = 0; m < MR_; m++) {
+    typename Op::S s = total(even[m] + odd[m]);
+    for (int64_t t = k; t < K; t++) s += op.one(n, t, x[m * K + t]);
+    out[m * ldo] = s;
+  }
 }
 
-// Rows [n0, n1) of out [M, ldo] (column n0 first): whole tiles, then single rows and columns.
+// Columns [n0, n1) of out [M, ldo]: each weight row against tiles of MR activation rows, then the
+// rows left over one at a time.
 template <class Op>
 static void rows(const Op& op, const typename Op::X* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
                  typename Op::S* out, int64_t ldo) {
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) {
+  for (int64_t n = n0; n < n1; n++) {
     int64_t m = 0;
-    for (; m + MR <= M; m += MR) tile<MR, NR>(op, n, x + m * K, K, K, out + m * ldo + n, ldo);
-    for (; m < M; m++) tile<1, NR>(op, n, x + m * K, K, K, out + m * ldo + n, ldo);
-  }
-  for (; n < n1; n++) {
-    int64_t m = 0;
-    for (; m + MR <= M; m += MR) tile<MR, 1>(op, n, x + m * K, K, K, out + m * ldo + n, ldo);
-    for (; m < M; m++) tile<1, 1>(op, n, x + m * K, K, K, out + m * ldo + n, ldo);
+    for (; m + MR <= M; m += MR) tile<MR>(op, n, x + m * K, K, out + m * ldo + n, ldo);
+    for (; m < M; m++) tile<1>(op, n, x + m * K, K, out + m * ldo + n, ldo);
   }
 }
 
@@ -131,7 +128,6 @@ static void rows(const Op& op, const typename Op::X* x, int64_t M, int64_t K, in
 struct I8 {
   const int8_t* w;
   int64_t K;
-  const void* address(int64_t n, int64_t k) const { return w + n * K + k; }
   typedef int32_t S;
   typedef vi Acc;
 #if I8_KIND == I8_VNNI
@@ -207,7 +203,6 @@ template <class T, class Conv>
 struct FloatDot {
   const T* w;
   int64_t K;
-  const void* address(int64_t n, int64_t k) const { return w + n * K + k; }
   typedef float S;
   typedef float X;
   typedef vf Acc;
@@ -242,7 +237,6 @@ static void i8w_rows(const int8_t* w, const float* x, int64_t M, int64_t K, int6
 struct Bf16Dot {
   const uint16_t* w;
   int64_t K;
-  const void* address(int64_t n, int64_t k) const { return w + n * K + k; }
   typedef float S;
   typedef uint16_t X;
   typedef vf Acc;
@@ -269,7 +263,6 @@ struct I4 {
   const uint8_t* w;  // [N, K / 2]
   const float* scale;  // [N, K / group]
   int64_t K, log2_group;  // groups are powers of two: the scale's index is a shift, not a division
-  const void* address(int64_t n, int64_t k) const { return w + (n * K + k) / 2; }
   typedef float S;
   typedef float X;
   typedef vf Acc;
@@ -284,7 +277,7 @@ struct I4 {
     return {__builtin_convertvector((b & 15) - 8, vf) * s, __builtin_convertvector((b >> 4) - 8, vf) * s};
   }
   static XV acts(const X* x) { return {load<vf>(x), load<vf>(x + F)}; }
-  static Acc madd(Acc acc, const WV& wv, const XV& xv) { return acc + wv.lo * xv.lo + wv.hi * xv.hi; }
+  static Acc madd(Acc acc, const WV& wv, const XV& xv) { return acc + (wv.lo * xv.lo + wv.hi * xv.hi); }
   S one(int64_t, int64_t, X) const { return 0; }  // K is whole steps (a group is whole steps)
 };
 
