@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BloomConfig
-from .kernels import Decision, KernelOwner, Problem
+from .kernels import Decision, KernelOwner, Problem, native
 from .kv_cache import KVCache
 from .tensors import FLOAT, IN, OUT, VOCAB, Stored
 
@@ -122,10 +122,13 @@ class Segment:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Attention of one query per sequence (a decode step) [B, H, 1, D] over the cached keys and
-    values [B, H, T, D]: scores in q's dtype, softmax in float32, probabilities back in v's dtype
-    times v, as Hugging Face's BLOOM computes them. On CPU, torch's flash kernel handles a single
-    query poorly: 872 against 167 us per layer at 1024 cached tokens in bfloat16 (batch 1, 16 heads
-    of 64, AMD EPYC Zen 4), which made attention most of a long-context step."""
+    values [B, H, T, D], scores and softmax in float32. On CPU, torch's flash kernel handles a single
+    query poorly (872 us a layer at 1024 cached tokens, bfloat16, batch 1, 16 heads of 64, AMD EPYC
+    Zen 4): the native library's kernel reads each cached key and value once; without it, two
+    matmuls with scores in q's dtype, as Hugging Face's BLOOM computes them."""
+    variant = native.widest_variant()
+    if variant is not None and q.shape[-1] % 16 == 0 and k.stride(-2) == k.shape[-1] == v.stride(-2):
+        return torch.ops.bloom_native.decode_attention(q, k, v, bias, variant)
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5).add_(bias)
     return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 

@@ -120,6 +120,26 @@ def test_w4a16_matches_the_dequantized_float64(variant, rows, outputs, inputs, g
     assert error(got, want) < 2 * torch.finfo(torch.bfloat16).eps
 
 
+@pytest.mark.parametrize("kind", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,positions,head", [(1, 1, 64), (3, 37, 64), (2, 300, 128), (1, 5, 16)])
+def test_decode_attention_matches_float64(variant, kind, rows, positions, head):
+    """Guards a softmax without its maximum (overflow), masked positions leaking, strides of the
+    cache ignored (keys read from the wrong row or head), and a value row read at a wrong offset."""
+    g = torch.Generator().manual_seed(rows * positions + head)
+    heads = 3
+    cache_k = torch.randn(rows, heads, positions + 9, head, generator=g).to(kind)  # a cache's buffers:
+    cache_v = torch.randn(rows, heads, positions + 9, head, generator=g).to(kind)  # a slice of columns
+    k, v = cache_k[:, :, 4:positions + 4], cache_v[:, :, 4:positions + 4]
+    qkv = (torch.randn(rows, 1, heads, 3, head, generator=g) * 4).to(kind)  # the fused projection's view
+    q = qkv[..., 0, :].transpose(1, 2)
+    bias = (torch.randn(rows, heads, 1, positions, generator=g) * 30).to(kind)  # scores far apart
+    bias[0, :, :, : positions // 2] = torch.finfo(kind).min  # padding
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                            attn_mask=bias.double())
+    got = torch.ops.bloom_native.decode_attention(q, k, v, bias, variant)
+    assert got.dtype == kind and error(got, want) < 2 * max(torch.finfo(kind).eps, 1e-6)
+
+
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16, torch.float16])
 def test_one_pass_quantization_equals_the_torch_ops_bit_for_bit(act):
     """Guards rounding half away from zero, a scale from another formula, and the clamp: ties

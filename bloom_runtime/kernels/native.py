@@ -150,6 +150,16 @@ def variant_index(variant: str) -> int | None:
     return names.index(variant) if variant in names else None
 
 
+@functools.cache
+def widest_variant() -> int | None:
+    """The index of the widest variant this CPU runs (its own report, under the caps), for the ops no
+    probe chooses among (decode attention); None without the library."""
+    if _loaded() is not None:
+        return None
+    usable = [i for i, name in enumerate(torch.ops.bloom_native.variants()) if unavailable(name) is None]
+    return usable[-1] if usable else None
+
+
 def available() -> str | None:
     """None if the library loads here, else why not."""
     return _loaded()

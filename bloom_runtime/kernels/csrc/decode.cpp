@@ -96,6 +96,9 @@ using I4Rows = void (*)(const uint8_t*, const float*, int64_t, const float*, int
                         float*, int64_t);
 using Bf16DotRows = void (*)(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, int64_t, float*,
                              int64_t);
+template <class T>
+using Attend = void (*)(const T*, const T*, const T*, int64_t, int64_t, const float*, int64_t, int64_t, float,
+                        float*, float*);
 
 enum class I8Act { Int32, Int16, Uint8Plus128 };
 
@@ -110,29 +113,33 @@ struct Variant {
   I8wRows i8w;
   I4Rows i4;
   Bf16DotRows bf16dot;  // nullptr: no bfloat16 dot instruction
+  Attend<uint16_t> attend_bf16;
+  Attend<float> attend_f32;
 };
 
 #if defined(__x86_64__)
 const Variant VARIANTS[] = {
     {"portable", [] { return true; }, I8Act::Int32, portable::F, portable::i8_rows, portable::bf16_rows, nullptr,
-     portable::i8w_rows, portable::i4_rows, nullptr},
+     portable::i8w_rows, portable::i4_rows, nullptr, portable::attend_bf16, portable::attend_f32},
     {"avx2", [] { return bool(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")); }, I8Act::Int16,
-     avx2::F, avx2::i8_rows, avx2::bf16_rows, avx2::f16_rows, avx2::i8w_rows, avx2::i4_rows, nullptr},
+     avx2::F, avx2::i8_rows, avx2::bf16_rows, avx2::f16_rows, avx2::i8w_rows, avx2::i4_rows, nullptr,
+     avx2::attend_bf16, avx2::attend_f32},
     {"avx512", [] { return bool(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")); },
      I8Act::Int16, avx512::F, avx512::i8_rows, avx512::bf16_rows, avx512::f16_rows, avx512::i8w_rows, avx512::i4_rows,
-     nullptr},
+     nullptr, avx512::attend_bf16, avx512::attend_f32},
     {"avx512-vnni", [] { return VARIANTS[2].supported() && bool(__builtin_cpu_supports("avx512vnni")); },
      I8Act::Uint8Plus128, avx512_vnni::F, avx512_vnni::i8_rows, avx512_vnni::bf16_rows, avx512_vnni::f16_rows,
-     avx512_vnni::i8w_rows, avx512_vnni::i4_rows, nullptr},
+     avx512_vnni::i8w_rows, avx512_vnni::i4_rows, nullptr, avx512_vnni::attend_bf16, avx512_vnni::attend_f32},
     {"avx512-bf16", [] { return VARIANTS[3].supported() && bool(__builtin_cpu_supports("avx512bf16")); },
      I8Act::Uint8Plus128, avx512_bf16::F, avx512_bf16::i8_rows, avx512_bf16::bf16_rows, avx512_bf16::f16_rows,
-     avx512_bf16::i8w_rows, avx512_bf16::i4_rows, avx512_bf16::bf16dot_rows},
+     avx512_bf16::i8w_rows, avx512_bf16::i4_rows, avx512_bf16::bf16dot_rows, avx512_bf16::attend_bf16,
+     avx512_bf16::attend_f32},
 };
 #else
 const Variant VARIANTS[] = {
     {"portable", [] { return true; }, I8Act::Int32, portable::F, portable::i8_rows, portable::bf16_rows, nullptr,
-     portable::i8w_rows, portable::i4_rows, nullptr},
+     portable::i8w_rows, portable::i4_rows, nullptr, portable::attend_bf16, portable::attend_f32},
 };
 #endif
 constexpr int64_t N_VARIANTS = sizeof VARIANTS / sizeof VARIANTS[0];
@@ -384,6 +391,51 @@ at::Tensor dense16(const at::Tensor& x, const at::Tensor& weight, const c10::opt
   return cast_out(sums, x.scalar_type());
 }
 
+// Row r, head h of a [B, H, ...] tensor.
+template <class T>
+const T* head(const at::Tensor& t, int64_t r, int64_t h) {
+  return reinterpret_cast<const T*>(t.data_ptr()) + r * t.stride(0) + h * t.stride(1);
+}
+
+// Attention of one query per row and head, q [B, H, 1, D], over keys and values [B, H, T, D] (any
+// row and head strides; each position's D values contiguous), plus bias [B, H, 1, T] (float32), in
+// q's dtype (bfloat16 or float32). softmax(q k^T / sqrt(D) + bias) v, in float32.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                            int64_t index) {
+  const Variant& var = variant(index);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "bloom_native: decode_attention "
+              "takes q [B, H, 1, D] and k, v [B, H, T, D]");
+  int64_t B = q.size(0), H = q.size(1), D = q.size(3), T = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == H && k.size(3) == D,
+              "bloom_native: decode_attention: k and v must be [B, H, T, D] like q");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D,
+              "bloom_native: decode_attention needs each position's values contiguous");
+  TORCH_CHECK(D % var.i4_lanes == 0, "bloom_native: head size ", D, " is not whole vectors");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
+              (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat),
+              "bloom_native: decode_attention takes bfloat16 or float32 q, k and v alike");
+  at::Tensor b = bias.to(at::kFloat).expand({B, H, 1, T}).contiguous();
+  at::Tensor out = at::empty({B, H, 1, D}, q.options().dtype(at::kFloat));
+  bool bf16 = q.scalar_type() == at::kBFloat16;
+  float scale = 1.0f / std::sqrt(float(D));
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    thread_local std::vector<float> scores;
+    float* s = scratch(scores, T);
+    for (int64_t i = i0; i < i1; i++) {
+      int64_t r = i / H, h = i % H;
+      const float* bp = b.data_ptr<float>() + i * T;
+      float* op = out.data_ptr<float>() + i * D;
+      if (bf16)
+        var.attend_bf16(head<uint16_t>(q, r, h), head<uint16_t>(k, r, h), head<uint16_t>(v, r, h), D, D, bp, T, D,
+                        scale, s, op);
+      else
+        var.attend_f32(head<float>(q, r, h), head<float>(k, r, h), head<float>(v, r, h), D, D, bp, T, D, scale, s,
+                       op);
+    }
+  });
+  return cast_out(out, q.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bloom_native, m) {
@@ -395,6 +447,7 @@ TORCH_LIBRARY(bloom_native, m) {
   m.def("w8a16(Tensor x, Tensor weight, Tensor weight_scale, int variant) -> Tensor");
   m.def("w4a16(Tensor x, Tensor packed, Tensor scale, int group, int variant) -> Tensor");
   m.def("dense16(Tensor x, Tensor weight, Tensor? bias, int variant) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias, int variant) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bloom_native, CPU, m) {
@@ -403,4 +456,5 @@ TORCH_LIBRARY_IMPL(bloom_native, CPU, m) {
   m.impl("w8a16", &w8a16);
   m.impl("w4a16", &w4a16);
   m.impl("dense16", &dense16);
+  m.impl("decode_attention", &decode_attention);
 }

@@ -286,6 +286,50 @@ static void i4_rows(const uint8_t* w, const float* scale, int64_t log2_group, co
   rows(I4{w, scale, K, log2_group}, x, M, K, n0, n1, out, ldo);
 }
 
+// ---- attention of one query over cached keys and values (a decode step), for one (row, head) ----
+// Scores and softmax in float32, probabilities times values summed in float32. T is the element type
+// of q, k and v (uint16_t: bfloat16; float); D is a whole number of vectors.
+template <class T>
+static inline vf load_float(const T* p) {
+  if constexpr (sizeof(T) == 2)
+    return (vf)(widen_u16(reinterpret_cast<const uint16_t*>(p)) << 16);
+  else
+    return load<vf>(p);
+}
+
+template <class T>
+static void attend(const T* q, const T* k, const T* v, int64_t k_row, int64_t v_row, const float* bias,
+                   int64_t positions, int64_t D, float scale, float* scores, float* out) {
+  float top = -INFINITY;
+  for (int64_t t = 0; t < positions; t++) {
+    vf acc{};
+    for (int64_t d = 0; d < D; d += F) acc += load_float(q + d) * load_float(k + t * k_row + d);
+    scores[t] = total(acc) * scale + bias[t];
+    top = std::max(top, scores[t]);
+  }
+  float sum = 0;
+  for (int64_t t = 0; t < positions; t++) sum += scores[t] = std::exp(scores[t] - top);
+  const vf zero{};
+  for (int64_t d = 0; d < D; d += F) memcpy(out + d, &zero, sizeof zero);
+  for (int64_t t = 0; t < positions; t++) {  // each value row read once, in order
+    float p = scores[t] / sum;
+    for (int64_t d = 0; d < D; d += F) {
+      vf o = load<vf>(out + d) + p * load_float(v + t * v_row + d);
+      memcpy(out + d, &o, sizeof o);
+    }
+  }
+}
+
+static void attend_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t k_row, int64_t v_row,
+                        const float* bias, int64_t positions, int64_t D, float scale, float* scores, float* out) {
+  attend(q, k, v, k_row, v_row, bias, positions, D, scale, scores, out);
+}
+
+static void attend_f32(const float* q, const float* k, const float* v, int64_t k_row, int64_t v_row,
+                       const float* bias, int64_t positions, int64_t D, float scale, float* scores, float* out) {
+  attend(q, k, v, k_row, v_row, bias, positions, D, scale, scores, out);
+}
+
 #undef VBYTES  // the next variant sets its own
 #undef I8_KIND
 #undef F16C
