@@ -106,18 +106,20 @@ def test_w8a16_matches_float64(variant, rows, outputs, inputs, act):
 
 @pytest.mark.parametrize("rows,outputs,inputs", INT4_SHAPES)
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_w4a16_matches_the_dequantized_float64(variant, rows, outputs, inputs, group):
-    """Guards a swapped nibble order, a lost -8 offset and a scale of the wrong group."""
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
+def test_w4a16_matches_the_dequantized_float64(variant, rows, outputs, inputs, group, act):
+    """Guards a swapped nibble order, a lost -8 offset and a scale of the wrong group, in both the
+    float32 path and avx512-bf16's bfloat16 pairs."""
     g = torch.Generator().manual_seed(rows + outputs + inputs + group)
     q = torch.randint(-8, 8, (outputs, inputs), generator=g, dtype=torch.int8)
     q[:, ::7] = -8  # the extremes of the nibble range
     q[:, 3::7] = 7
     scale = torch.rand(outputs, inputs // group, generator=g) * 0.02 + 1e-3
     packed = misaligned(pack_to_int32(q, 4))
-    x = misaligned(torch.randn(rows, inputs, generator=g).to(torch.bfloat16))
+    x = misaligned(torch.randn(rows, inputs, generator=g).to(act))
     want = x.double() @ (q.double() * scale.double().repeat_interleave(group, dim=1)).t()
     got = torch.ops.bloom_native.w4a16(x, packed, scale, group, variant)
-    assert error(got, want) < 2 * torch.finfo(torch.bfloat16).eps
+    assert got.dtype == act and error(got, want) < 2 * max(torch.finfo(act).eps, 1e-6)
 
 
 @pytest.mark.parametrize("kind", [torch.bfloat16, torch.float32])

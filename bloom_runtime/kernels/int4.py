@@ -67,7 +67,8 @@ class Dequantize(Kernel):
 
 
 class Native(NativeKernel):
-    """Nibbles widened in registers and scaled per group, float32 multiply-adds with the activations."""
+    """Nibbles widened in registers and scaled per group, float32 multiply-adds with the activations
+    (avx512-bf16, for bfloat16 activations: nibbles looked up as bfloat16 and paired in vdpbf16ps)."""
 
     @classmethod
     def unsupported(cls, problem: Problem) -> str | None:
@@ -84,7 +85,7 @@ class Native(NativeKernel):
 @register
 class W4A16(Role):
     name = "w4a16"
-    candidates = (Int4Pack, *variants_of(Native, "portable", "avx2", "avx512"), Dequantize)
+    candidates = (Int4Pack, *variants_of(Native, "portable", "avx2", "avx512", "avx512-bf16"), Dequantize)
 
     @classmethod
     def sample(cls, problem: Problem, rows: int, generator: torch.Generator):

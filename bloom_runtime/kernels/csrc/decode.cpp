@@ -96,6 +96,8 @@ using I4Rows = void (*)(const uint8_t*, const float*, int64_t, const float*, int
                         float*, int64_t);
 using Bf16DotRows = void (*)(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, int64_t, float*,
                              int64_t);
+using I4Bf16Rows = void (*)(const uint8_t*, const float*, int64_t, const uint16_t*, int64_t, int64_t, int64_t,
+                            int64_t, float*, int64_t);
 template <class T>
 using Attend = void (*)(const T*, const T*, const T*, int64_t, int64_t, const float*, int64_t, int64_t, float,
                         float*, float*);
@@ -113,6 +115,7 @@ struct Variant {
   I8wRows i8w;
   I4Rows i4;
   Bf16DotRows bf16dot;  // nullptr: no bfloat16 dot instruction
+  I4Bf16Rows i4bf16;  // nullptr: likewise (int4 x bfloat16 activations then take the float path)
   Attend<uint16_t> attend_bf16;
   Attend<float> attend_f32;
 };
@@ -120,26 +123,28 @@ struct Variant {
 #if defined(__x86_64__)
 const Variant VARIANTS[] = {
     {"portable", [] { return true; }, I8Act::Int32, portable::F, portable::i8_rows, portable::bf16_rows, nullptr,
-     portable::i8w_rows, portable::i4_rows, nullptr, portable::attend_bf16, portable::attend_f32},
+     portable::i8w_rows, portable::i4_rows, nullptr, nullptr, portable::attend_bf16, portable::attend_f32},
     {"avx2", [] { return bool(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")); }, I8Act::Int16,
-     avx2::F, avx2::i8_rows, avx2::bf16_rows, avx2::f16_rows, avx2::i8w_rows, avx2::i4_rows, nullptr,
+     avx2::F, avx2::i8_rows, avx2::bf16_rows, avx2::f16_rows, avx2::i8w_rows, avx2::i4_rows, nullptr, nullptr,
      avx2::attend_bf16, avx2::attend_f32},
     {"avx512", [] { return bool(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")); },
      I8Act::Int16, avx512::F, avx512::i8_rows, avx512::bf16_rows, avx512::f16_rows, avx512::i8w_rows, avx512::i4_rows,
-     nullptr, avx512::attend_bf16, avx512::attend_f32},
+     nullptr, nullptr, avx512::attend_bf16, avx512::attend_f32},
     {"avx512-vnni", [] { return VARIANTS[2].supported() && bool(__builtin_cpu_supports("avx512vnni")); },
      I8Act::Uint8Plus128, avx512_vnni::F, avx512_vnni::i8_rows, avx512_vnni::bf16_rows, avx512_vnni::f16_rows,
-     avx512_vnni::i8w_rows, avx512_vnni::i4_rows, nullptr, avx512_vnni::attend_bf16, avx512_vnni::attend_f32},
+     avx512_vnni::i8w_rows, avx512_vnni::i4_rows, nullptr, nullptr, avx512_vnni::attend_bf16,
+     avx512_vnni::attend_f32},
     {"avx512-bf16", [] { return VARIANTS[3].supported() && bool(__builtin_cpu_supports("avx512bf16")); },
      I8Act::Uint8Plus128, avx512_bf16::F, avx512_bf16::i8_rows, avx512_bf16::bf16_rows, avx512_bf16::f16_rows,
-     avx512_bf16::i8w_rows, avx512_bf16::i4_rows, avx512_bf16::bf16dot_rows, avx512_bf16::attend_bf16,
+     avx512_bf16::i8w_rows, avx512_bf16::i4_rows, avx512_bf16::bf16dot_rows, avx512_bf16::i4bf16_rows,
+     avx512_bf16::attend_bf16,
      avx512_bf16::attend_f32},
 };
 #else
 const Variant VARIANTS[] = {
     {"portable", [] { return true; }, I8Act::Int32, portable::F, portable::i8_rows, portable::bf16_rows, nullptr,
-     portable::i8w_rows, portable::i4_rows, nullptr, portable::attend_bf16, portable::attend_f32},
+     portable::i8w_rows, portable::i4_rows, nullptr, nullptr, portable::attend_bf16, portable::attend_f32},
 };
 #endif
 constexpr int64_t N_VARIANTS = sizeof VARIANTS / sizeof VARIANTS[0];
@@ -341,6 +346,15 @@ at::Tensor w4a16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor
   TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0 && K % group == 0, "bloom_native: group ", group,
               " must be a power of two from 32, dividing ", K);
   check_vector(scale, "scale", N * (K / group), at::kFloat);
+  at::Tensor sums = at::empty({M, N}, x.options().dtype(at::kFloat));
+  auto w = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
+  if (v.i4bf16 && x.scalar_type() == at::kBFloat16) {
+    auto xh = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    over_outputs(N, K / 2, [&](int64_t n0, int64_t n1) {
+      v.i4bf16(w, scale.data_ptr<float>(), __builtin_ctzll(group), xh, M, K, n0, n1, sums.data_ptr<float>(), N);
+    });
+    return cast_out(sums, x.scalar_type());
+  }
   // Each step of 2F inputs: its F even inputs, then its F odd ones (a byte's low and high nibbles).
   thread_local std::vector<float> permuted;
   const float* xf = as_float(x);
@@ -352,8 +366,6 @@ at::Tensor w4a16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor
         xp[m * K + k0 + t] = xf[m * K + k0 + 2 * t];
         xp[m * K + k0 + lanes + t] = xf[m * K + k0 + 2 * t + 1];
       }
-  at::Tensor sums = at::empty({M, N}, x.options().dtype(at::kFloat));
-  auto w = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
   over_outputs(N, K / 2, [&](int64_t n0, int64_t n1) {
     v.i4(w, scale.data_ptr<float>(), __builtin_ctzll(group), xp, M, K, n0, n1, sums.data_ptr<float>(), N);
   });

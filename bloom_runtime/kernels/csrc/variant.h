@@ -286,6 +286,55 @@ static void i4_rows(const uint8_t* w, const float* scale, int64_t log2_group, co
   rows(I4{w, scale, K, log2_group}, x, M, K, n0, n1, out, ldo);
 }
 
+#if BF16DOT
+// int4 weights x bfloat16 activations, paired in vdpbf16ps. A byte's two nibbles become a 32-bit
+// lane of two bfloat16 (low nibble first: the inputs' own order, so the activations need no
+// permutation), looked up from a table of n - 8 by vpermw; integers below 8 are exact in bfloat16, so
+// each product is exact, summed in float32. Each step's 32 products are summed from zero, then take
+// their group's scale into one of four accumulators, so that no long chain of dependent adds forms.
+static inline __m512i i4_as_bf16(const uint8_t* p, __m512i table) {
+  __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));        // byte t in lane t
+  __m512i idx = _mm512_ternarylogic_epi32(x, _mm512_slli_epi32(x, 12), _mm512_set1_epi32(0x000F000F),
+                                          0xA8);  // (x | x << 12) & 0x000F000F: low nibble, high << 16
+  return _mm512_permutexvar_epi16(idx, table);
+}
+
+static void i4bf16_rows(const uint8_t* w, const float* scale, int64_t log2_group, const uint16_t* x, int64_t M,
+                        int64_t K, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  alignas(64) uint16_t values[32];
+  for (int i = 0; i < 32; i++) {
+    float f = float(i % 16 - 8);
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    values[i] = uint16_t(bits >> 16);  // exact: a small integer's low half is zero
+  }
+  const __m512i table = _mm512_load_si512(values);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* row = w + n * K / 2;
+    const float* scales = scale + (n * K >> log2_group);
+    auto step = [&](const uint16_t* xr, int64_t k, __m512 acc) {  // 32 inputs, scaled by their group's
+      __m512bh weights = (__m512bh)i4_as_bf16(row + k / 2, table);
+      __m512 dot = _mm512_dpbf16_ps(zero, (__m512bh)_mm512_loadu_si512(xr + k), weights);
+      return _mm512_fmadd_ps(dot, _mm512_set1_ps(scales[k >> log2_group]), acc);
+    };
+    for (int64_t m = 0; m < M; m++) {
+      const uint16_t* xr = x + m * K;
+      __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero;  // four chains of dependent adds
+      int64_t k = 0;
+      for (; k + 128 <= K; k += 128) {
+        a0 = step(xr, k, a0);
+        a1 = step(xr, k + 32, a1);
+        a2 = step(xr, k + 64, a2);
+        a3 = step(xr, k + 96, a3);
+      }
+      for (; k < K; k += 32) a0 = step(xr, k, a0);
+      out[m * ldo + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    }
+  }
+}
+#endif
+
 // ---- attention of one query over cached keys and values (a decode step), for one (row, head) ----
 // Scores and softmax in float32, probabilities times values summed in float32. T is the element type
 // of q, k and v (uint16_t: bfloat16; float); D is a whole number of vectors.
