@@ -22,12 +22,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from ..files import replace_atomically
 from .selection import Kernel, Problem, default_cache_dir
 
 NATIVE_ENV = "BLOOM_RUNTIME_NATIVE"
@@ -83,33 +83,22 @@ def _build(target: Path) -> None:
     if compiler is None:
         given = os.environ.get("CXX")
         raise OSError(f"no C++ compiler: {'$CXX=' + given if given else 'neither g++ nor c++'} found")
-    target.parent.mkdir(parents=True, exist_ok=True)
     print("bloom-runtime: building the native kernels for this machine (once; about a minute)",
           file=sys.stderr, flush=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, str(SOURCES / "decode.cpp"), "-o", tmp, *_flags()],
+
+    def compile_to(tmp: Path) -> None:
+        done = subprocess.run([compiler, str(SOURCES / "decode.cpp"), "-o", str(tmp), *_flags()],
                               capture_output=True, text=True, timeout=900)
         if done.returncode:
             lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
             raise OSError(f"{Path(compiler).name} failed: {(lines or ['?'])[0][:300]}")
-        os.chmod(tmp, 0o755 & ~_umask())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    replace_atomically(target, compile_to)
 
 
 @functools.cache
-def _loaded() -> str | None:
-    """Builds (if needed) and loads the library; None, or why it is not there."""
+def available() -> str | None:
+    """Builds (if needed) and loads the library: None once it is loaded, else why it is not there."""
     if os.environ.get(NATIVE_ENV, "on") == "off":
         return f"{NATIVE_ENV}=off"
     target = default_cache_dir() / "native" / f"bloom_native-{build_id()}.so"
@@ -126,7 +115,7 @@ def _loaded() -> str | None:
 
 def unavailable(variant: str) -> str | None:
     """Why `variant` cannot run here (no library, a CPU without its instructions, a cap), or None."""
-    why = _loaded()
+    why = available()
     if why is not None:
         return f"no native library: {why}"
     index = variant_index(variant)
@@ -144,7 +133,7 @@ def unavailable(variant: str) -> str | None:
 def variant_index(variant: str) -> int | None:
     """The library's index of `variant` (what the ops take), None if there is no library or it has no
     such variant (one built for another architecture)."""
-    if _loaded() is not None:
+    if available() is not None:
         return None
     names = list(torch.ops.bloom_native.variants())
     return names.index(variant) if variant in names else None
@@ -154,15 +143,10 @@ def variant_index(variant: str) -> int | None:
 def widest_variant() -> int | None:
     """The index of the widest variant this CPU runs (its own report, under the caps), for the ops no
     probe chooses among (decode attention); None without the library."""
-    if _loaded() is not None:
+    if available() is not None:
         return None
     usable = [i for i, name in enumerate(torch.ops.bloom_native.variants()) if unavailable(name) is None]
     return usable[-1] if usable else None
-
-
-def available() -> str | None:
-    """None if the library loads here, else why not."""
-    return _loaded()
 
 
 class NativeKernel(Kernel):

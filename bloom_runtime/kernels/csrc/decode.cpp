@@ -174,8 +174,8 @@ void check_vector(const at::Tensor& t, const char* what, int64_t n, at::ScalarTy
               "bloom_native: ", what, " must be ", n, " contiguous ", c10::toString(dtype), " values");
 }
 
-// Splits output columns [0, N) into tiles of four rows of the weight for torch's threads, at least
-// `min_bytes` of weights a task, and runs `body(n0, n1)` on each part.
+// Splits output columns [0, N) into blocks of four rows of the weight for torch's threads, at least
+// MIN_BYTES of weights a task, and runs `body(n0, n1)` on each part.
 template <class Body>
 void over_outputs(int64_t N, int64_t row_bytes, const Body& body) {
   constexpr int64_t TILE = 4, MIN_BYTES = 64 * 1024;
@@ -200,6 +200,14 @@ const float* as_float(const at::Tensor& x) {
     for (int64_t i = 0; i < n; i++) out[i] = float(in[i]);
   }
   return out;
+}
+
+// Element i of float32, bfloat16 or float16 values at p, as float: biases are read in their own dtype,
+// with no converted copy made per call.
+float float_at(at::ScalarType dtype, const void* p, int64_t i) {
+  if (dtype == at::kFloat) return static_cast<const float*>(p)[i];
+  if (dtype == at::kBFloat16) return portable::bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+  return float(static_cast<const at::Half*>(p)[i]);
 }
 
 at::Tensor cast_out(const at::Tensor& sums, at::ScalarType dtype) {
@@ -383,14 +391,14 @@ at::Tensor dense16(const at::Tensor& x, const at::Tensor& weight, const c10::opt
   TORCH_CHECK(x.scalar_type() == weight.scalar_type() && (bf16 || weight.scalar_type() == at::kHalf),
               "bloom_native: dense16 takes bfloat16 or float16 x and weight alike");
   TORCH_CHECK(bf16 || v.f16, "bloom_native: the ", v.name, " variant has no float16 conversion");
-  at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  if (b.defined()) check_vector(b, "bias", N, at::kFloat);
+  if (bias.has_value()) check_vector(*bias, "bias", N, bias->scalar_type());
   auto w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
   auto xh = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const float* xf = bf16 && v.bf16dot ? nullptr : as_float(x);
   at::Tensor sums = at::empty({M, N}, x.options().dtype(at::kFloat));
   float* sp = sums.data_ptr<float>();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const void* bp = bias.has_value() ? bias->data_ptr() : nullptr;
+  at::ScalarType bias_dtype = bias.has_value() ? bias->scalar_type() : at::kFloat;
   over_outputs(N, 2 * K, [&](int64_t n0, int64_t n1) {
     if (!xf)
       v.bf16dot(w, xh, M, K, n0, n1, sp, N);
@@ -398,7 +406,7 @@ at::Tensor dense16(const at::Tensor& x, const at::Tensor& weight, const c10::opt
       (bf16 ? v.bf16 : v.f16)(w, xf, M, K, n0, n1, sp, N);
     if (bp)
       for (int64_t m = 0; m < M; m++)
-        for (int64_t n = n0; n < n1; n++) sp[m * N + n] += bp[n];
+        for (int64_t n = n0; n < n1; n++) sp[m * N + n] += float_at(bias_dtype, bp, n);
   });
   return cast_out(sums, x.scalar_type());
 }
@@ -410,7 +418,8 @@ const T* head(const at::Tensor& t, int64_t r, int64_t h) {
 }
 
 // Attention of one query per row and head, q [B, H, 1, D], over keys and values [B, H, T, D] (any
-// row and head strides; each position's D values contiguous), plus bias [B, H, 1, T] (float32), in
+// row and head strides; each position's D values contiguous), plus bias [B, H, 1, T] (any float dtype,
+// any row and head strides, positions contiguous), in
 // q's dtype (bfloat16 or float32). softmax(q k^T / sqrt(D) + bias) v, in float32.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
                             int64_t index) {
@@ -426,16 +435,21 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
               (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat),
               "bloom_native: decode_attention takes bfloat16 or float32 q, k and v alike");
-  at::Tensor b = bias.to(at::kFloat).expand({B, H, 1, T}).contiguous();
+  TORCH_CHECK(bias.dim() == 4 && bias.size(3) == T && bias.stride(3) == 1, "bloom_native: decode_attention "
+              "takes bias [B, H, 1, T] with its positions contiguous");
+  at::Tensor b = bias.expand({B, H, 1, T});
   at::Tensor out = at::empty({B, H, 1, D}, q.options().dtype(at::kFloat));
   bool bf16 = q.scalar_type() == at::kBFloat16;
   float scale = 1.0f / std::sqrt(float(D));
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    thread_local std::vector<float> scores;
+    thread_local std::vector<float> scores, bias_row;
     float* s = scratch(scores, T);
+    float* bp = scratch(bias_row, T);
     for (int64_t i = i0; i < i1; i++) {
       int64_t r = i / H, h = i % H;
-      const float* bp = b.data_ptr<float>() + i * T;
+      const char* row =
+          static_cast<const char*>(b.data_ptr()) + (r * b.stride(0) + h * b.stride(1)) * b.element_size();
+      for (int64_t t = 0; t < T; t++) bp[t] = float_at(b.scalar_type(), row, t);
       float* op = out.data_ptr<float>() + i * D;
       if (bf16)
         var.attend_bf16(head<uint16_t>(q, r, h), head<uint16_t>(k, r, h), head<uint16_t>(v, r, h), D, D, bp, T, D,
