@@ -15,6 +15,8 @@ import torch
 import bloom_runtime as br
 from bloom_runtime.bench import roofline
 from bloom_runtime.kernels import Problem, probe
+from bloom_runtime.kernels.dense import Dense16
+from bloom_runtime.kernels.native import NativeKernel
 from bloom_runtime.model import Linear
 
 PACKED = "dense16=onednn-packed"
@@ -47,6 +49,10 @@ def test_packed_linear_equals_the_plain_one(monkeypatch, rows):
 def engines():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BLOOM_RUNTIME_KERNELS", PACKED)
+        # the tied head cannot be packed, so the probe picks its kernel: keep that among those that sum
+        # as F.linear does (a native kernel's float32 sums differ in the last bit), or equality is luck
+        kept = tuple(c for c in Dense16.candidates if not issubclass(c, NativeKernel))
+        patch.setattr(Dense16, "candidates", kept)
         return br.load("tiny", dtype="bfloat16"), br.load("tiny", dtype="bfloat16", pack=False)
 
 
