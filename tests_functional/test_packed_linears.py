@@ -17,6 +17,7 @@ from bloom_runtime.bench import roofline
 from bloom_runtime.kernels import Problem, probe
 from bloom_runtime.kernels.dense import Dense16
 from bloom_runtime.kernels.native import NativeKernel
+from bloom_runtime.kernels.selection import CACHE_DIR_ENV
 from bloom_runtime.model import Linear
 
 PACKED = "dense16=onednn-packed"
@@ -46,13 +47,15 @@ def test_packed_linear_equals_the_plain_one(monkeypatch, rows):
 
 
 @pytest.fixture(scope="module")
-def engines():
+def engines(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BLOOM_RUNTIME_KERNELS", PACKED)
         # the tied head cannot be packed, so the probe picks its kernel: keep that among those that sum
-        # as F.linear does (a native kernel's float32 sums differ in the last bit), or equality is luck
+        # as F.linear does (a native kernel's float32 sums differ in the last bit), or equality is luck;
+        # in a cache of its own, so that no decision made earlier in this process (perhaps native) serves
         kept = tuple(c for c in Dense16.candidates if not issubclass(c, NativeKernel))
         patch.setattr(Dense16, "candidates", kept)
+        patch.setenv(CACHE_DIR_ENV, str(tmp_path_factory.mktemp("kernels")))
         return br.load("tiny", dtype="bfloat16"), br.load("tiny", dtype="bfloat16", pack=False)
 
 
