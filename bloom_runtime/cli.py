@@ -27,7 +27,7 @@ SEPARATOR = "### prompt"  # the line before each of several prompts' outputs
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
 # `weights quant --scheme` + `--activation`: the W8A8 activation choices, by scheme name
 W8A8_ACTIVATIONS = {"dynamic": "w8a8", "static": "w8a8-static", "static-asym": "w8a8-static-asym"}
-WEIGHT_ONLY = [name for name, cls in LINEARS.items() if cls.ACTIVATIONS is None]
+WRITTEN = ["w8a8"] + [name for name in LINEARS if name not in W8A8_ACTIVATIONS.values()]  # --scheme
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -140,7 +140,9 @@ def cmd_weights_quant(args: argparse.Namespace) -> None:
     from .weights import checkpoint_bytes, quantize_checkpoint
 
     default = QuantSpec.written(W8A8_ACTIVATIONS[args.activation] if args.scheme == "w8a8" else args.scheme)
-    spec = QuantSpec(default.linear, alpha=None if args.no_smooth or default.alpha is None else args.alpha,
+    alpha = args.alpha if args.alpha is not None else default.alpha
+    smooths = default.linear_class.ACTIVATIONS is not None and not args.no_smooth
+    spec = QuantSpec(default.linear, alpha=alpha if smooths else None,
                      float_layers=tuple(args.float_layers), head=None if args.float_head else default.head)
     out = quantize_checkpoint(args.input, args.output, spec, calib_samples=args.calib_samples,
                               calib_data=args.calib_data, dtype=args.dtype, seed=args.seed, force=args.force)
@@ -163,11 +165,13 @@ def _weights_parser(sub) -> None:
                                            "compressed-tensors)")
     quant.add_argument("--input", required=True, help="a float Hugging Face BLOOM directory")
     quant.add_argument("--output", required=True)
-    quant.add_argument("--scheme", default="w8a8", choices=["w8a8"] + WEIGHT_ONLY)
+    quant.add_argument("--scheme", default="w8a8", choices=WRITTEN)
     quant.add_argument("--activation", default="dynamic", choices=list(W8A8_ACTIVATIONS),
                        help="W8A8 activations: per-token dynamic, per-tensor static, or static "
                             "asymmetric (the Ascend modelslim recipe)")
-    quant.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
+    quant.add_argument("--alpha", type=float, default=None,
+                       help="SmoothQuant migration strength (default: the scheme's, 0.5 for w8a8; w4a8 "
+                            "does not smooth unless given one)")
     quant.add_argument("--no-smooth", action="store_true", help="skip SmoothQuant (as modelslim does)")
     quant.add_argument("--float-layers", type=int, nargs="*", default=[],
                        help="blocks kept in float, e.g. 7 as the guide did for bloom-7b1")

@@ -43,6 +43,8 @@ SPECS = {  # name: (recipe, bounds)
     "w4a16-float-head": (QuantSpec("w4a16", None), EXACT),  # transformers runs no int4 Embedding
     "w4a16-g32-float-head": (QuantSpec("w4a16-g32", None), EXACT),
     "w4a16-written-default": (QuantSpec.written("w4a16"), EXACT),  # `weights quant --scheme w4a16`
+    "w4a8-float-head": (QuantSpec("w4a8", None), DYNAMIC),
+    "w4a8-written-default": (QuantSpec.written("w4a8"), DYNAMIC),  # with the int8 head
 }
 
 

@@ -30,6 +30,8 @@ PROBLEMS = [  # bloom-560m's widths: the probe's verdict must hold at every row 
     Problem("w8a8", "cpu", "bfloat16", 96, 1024), Problem("w8a8", "cpu", "float32", 96, 4096),
     Problem("w4a16", "cpu", "bfloat16", 96, 1024, group=128),
     Problem("w4a16", "cpu", "float32", 96, 1024, group=32),
+    Problem("w4a8", "cpu", "bfloat16", 96, 1024, group=128),
+    Problem("w4a8", "cpu", "float32", 96, 4096, group=128),
 ]  # fmt: skip
 
 
@@ -185,7 +187,7 @@ def test_a_forced_kernel_serves_and_a_bad_name_is_one_clear_error(monkeypatch):
         sel.forced_kernels()
 
 
-@pytest.mark.parametrize("quant", [None, "w8a8", "w8a16", "w4a16"])
+@pytest.mark.parametrize("quant", [None, "w8a8", "w8a16", "w4a16", "w4a8"])
 def test_a_loaded_model_runs_only_probed_kernels_holds_weights_once_and_saves_them_plain(quant):
     """Guards kernels built lazily and invisible to `.to()`/`weight_bytes`, W8A8's int8 weight kept
     beside oneDNN's prepacked copy, and `weights quant` writing a model without its weights."""

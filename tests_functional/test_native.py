@@ -122,6 +122,33 @@ def test_w4a16_matches_the_dequantized_float64(variant, rows, outputs, inputs, g
     assert got.dtype == act and error(got, want) < 2 * max(torch.finfo(act).eps, 1e-6)
 
 
+@pytest.mark.parametrize("rows,outputs,inputs", INT4_SHAPES)
+@pytest.mark.parametrize("group", [128, 256])
+def test_w4a8_sums_each_step_exactly(variant, rows, outputs, inputs, group):
+    """Guards a swapped nibble order, a lost correction for the unsigned nibbles (-8 x the activations'
+    sum, per lane), a correction read for the wrong step or row, a scale of the wrong group, and
+    pair sums that saturate: the extreme nibbles against runs of -128 and 127 leave float32 scaling
+    as the only error. Per-row and per-tensor scales; the bias and the output dtype in the epilogue."""
+    if inputs % group:
+        pytest.skip(f"{inputs} inputs are not whole groups of {group}")
+    g = torch.Generator().manual_seed(rows + outputs + inputs + group)
+    w = torch.randint(-8, 8, (outputs, inputs), generator=g, dtype=torch.int8)
+    w[:, ::7] = -8
+    w[:, 3::7] = 7
+    scale = torch.rand(outputs, inputs // group, generator=g) * 0.02 + 1e-3
+    packed = misaligned(pack_to_int32(w, 4))
+    q = misaligned(full_range_int8(rows, inputs, generator=g))
+    bias = torch.randn(outputs, generator=g).to(torch.bfloat16)
+    exact = q.double() @ (w.double() * scale.double().repeat_interleave(group, dim=1)).t()
+    ops = torch.ops.bloom_native
+    for x_scale in (torch.rand(rows, 1, generator=g) + 0.5, torch.tensor([0.75])):
+        got = ops.w4a8(q, x_scale, packed, scale, group, bias, torch.float32, variant)
+        assert error(got, exact * x_scale.double() + bias.double()) < 1e-6
+        got16 = ops.w4a8(q, x_scale, packed, scale, group, None, torch.bfloat16, variant)
+        assert got16.dtype == torch.bfloat16
+        assert error(got16, exact * x_scale.double()) < 2 * torch.finfo(torch.bfloat16).eps
+
+
 @pytest.mark.parametrize("kind", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows,positions,head", [(1, 1, 64), (3, 37, 64), (2, 300, 128), (1, 5, 16)])
 def test_decode_attention_matches_float64(variant, kind, rows, positions, head):

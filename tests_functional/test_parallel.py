@@ -39,6 +39,8 @@ CONFIGS = {
 INT8 = ("w8a8", "w8a8-static", "w8a16")
 # W4A16 needs row-parallel cuts on whole groups: 192 and 768 inputs split into 3 and 12 groups of 32
 INT4_FIELDS = dict(n_head=6, hidden_size=192, vocab_size=251, n_layer=2)
+# W4A8's groups are 128: 768 and 3072 inputs split into 3 and 12 groups at tp=2 (2 and 8 at tp=3)
+W4A8_FIELDS = dict(n_head=6, hidden_size=768, vocab_size=251, n_layer=2)
 # dtype x scheme cells beyond float32: (quant, dtype) -> (min top-1, max relative error) against TP=1
 # (measured on the two configs: top-1, relative error)
 REDUCED = {
@@ -88,6 +90,7 @@ def checkpoints(tmp_path_factory, tp_size):
         made[name + "-int8-cut"] = cut_checkpoint(quantized, root / f"{name}-int8-cut", tp=tp_size)
         made[name + "-int8"] = quantized
     made["int4-groups"] = save(hf_model(seed=17, **INT4_FIELDS), root / "int4-groups")
+    made["int4-groups-128"] = save(hf_model(seed=17, **W4A8_FIELDS), root / "int4-groups-128")
     return made
 
 
@@ -95,8 +98,10 @@ def checkpoints(tmp_path_factory, tp_size):
 def tp(checkpoints, tp_size):
     """Everything the TP tests compare, computed in one multi-rank run (spawning is slow). Every
     rank must succeed and compute what rank 0 computes."""
-    jobs = [(str(checkpoints[n]), None, "float32") for n in checkpoints if not n.endswith(("int8", "groups"))]
+    floats = [n for n in checkpoints if not n.endswith("int8") and not n.startswith("int4")]
+    jobs = [(str(checkpoints[n]), None, "float32") for n in floats]
     jobs += [(str(checkpoints["int4-groups"]), "w4a16-g32", "float32")]
+    jobs += [(str(checkpoints["int4-groups-128"]), "w4a8", "float32")]
     jobs += [(str(checkpoints[n]), q, "float32") for n in CONFIGS for q in INT8]
     jobs += [(str(checkpoints[n]), q, dtype) for n in CONFIGS for q, dtype in REDUCED]
     first, *others = on_every_rank(run_ranks(many, tp_size, jobs))
@@ -134,6 +139,17 @@ def test_tp_w4a16_close_to_tp1(checkpoints, tp):
     error = relative_error(double["logits"], single["logits"], single["mask"])
     print(f"w4a16-g32 tp: top-1 {top1:.3f}, relative error {error:.2e}")
     assert top1 >= 0.95 and error <= 0.02, f"top-1 {top1:.3f}, relative error {error:.2e}"
+
+
+def test_tp_w4a8_equals_tp1(checkpoints, tp):
+    """W4A8 sums each step of int4 x int8 exactly, and per-token scales span the whole token (each
+    rank sees a slice of it in the row-parallel layers): TP=2 equals TP=1 but for the order of the
+    float32 sums across groups and ranks (measured: relative error 3e-7, same greedy tokens)."""
+    path = str(checkpoints["int4-groups-128"])
+    single, double = outputs(path, "w4a8"), tp[(path, "w4a8", "float32")]
+    error = relative_error(double["logits"], single["logits"], single["mask"])
+    print(f"w4a8 tp: relative error {error:.2e}")
+    assert error <= 1e-5 and torch.equal(double["greedy"], single["greedy"]), f"relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

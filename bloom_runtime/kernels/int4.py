@@ -1,12 +1,18 @@
-"""Role "w4a16": float activations x group-wise symmetric int4 weights.
+"""Roles "w4a16" (float activations x group-wise symmetric int4 weights) and "w4a8" (int8
+activations x the same weights).
 
 The owner gives its int4 values (`int4_values()`: int8 [N, K] in [-8, 7], K whole
 groups), their float32 `weight_scale` [N, K / group] and `GROUP`; activations come
-padded to K. Candidates: aten's `_weight_int4pack_mm_for_cpu` on weights repacked once
-(bfloat16 activations: its other variants are far slower); the native library's
+padded to K. W4A16's candidates: aten's `_weight_int4pack_mm_for_cpu` on weights repacked
+once (bfloat16 activations: its other variants are far slower); the native library's
 variants, which read the owner's packed words (`weight_packed`, compressed-tensors'
 layout) with no second layout; and dequantizing per call into the activations' dtype
 (no second layout held; what other devices run).
+
+W4A8's kernels take per-token int8 activations and their scales as W8A8's do, and the
+owner's optional `bias`: the native variants sum each step's int4 x int8 products exactly
+in int32 (VNNI's u8 x s8 dot on the unsigned nibbles, or maddubs, which cannot saturate on
+nibbles) and scale by the group's; the float32 form dequantizes both sides per call.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
+from .int8 import int8_activations, output_rounding
 from .native import NativeKernel, variants_of
 from .selection import Kernel, Problem, Role, activations, register
 
 INT4PACK_GROUPS = (32, 64, 128, 256)
+W4A8_MIN_GROUP = 128  # whole steps of every native variant (the widest takes 128 inputs)
 BITS = 4
 
 
@@ -101,3 +109,66 @@ class W4A16(Role):
         (x,) = inputs
         scale = owner.weight_scale.double().repeat_interleave(owner.GROUP, dim=1)
         return x.double() @ (owner.int4_values().double() * scale).t()
+
+
+class NativeW4A8(NativeKernel):
+    """Unsigned nibbles x int8 activations, exact int32 sums a step, the group's scale per step;
+    the token's scale and the bias in the epilogue."""
+
+    @classmethod
+    def unsupported(cls, problem: Problem) -> str | None:
+        group = problem.group
+        if group < W4A8_MIN_GROUP or group & (group - 1):
+            return f"groups of a power of two from {W4A8_MIN_GROUP} only, not {group}"
+        return super().unsupported(problem)
+
+    @classmethod
+    def tolerance(cls, problem: Problem) -> float:
+        return 1e-6  # exact sums a step; float32 across steps
+
+    def forward(self, owner, q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return torch.ops.bloom_native.w4a8(q.contiguous(), x_scale, owner.weight_packed, owner.weight_scale,
+                                           owner.GROUP, owner.bias, out_dtype, self.index)
+
+
+class Float32W4A8(Kernel):
+    """Both sides dequantized to float32 per call, a float GEMM: no integer instruction, so some
+    candidate is correct on any machine and device."""
+
+    name = "float32"
+
+    @classmethod
+    def tolerance(cls, problem: Problem) -> float:
+        return 1e-5  # float32 products of the scaled weights, summed over K
+
+    def forward(self, owner, q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        weight = owner.int4_values().float() * owner.weight_scale.repeat_interleave(owner.GROUP, dim=1)
+        y = F.linear(q.float(), weight) * x_scale
+        return (y if owner.bias is None else y + owner.bias.float()).to(out_dtype)
+
+
+@register
+class W4A8(Role):
+    name = "w4a8"
+    candidates = (*variants_of(NativeW4A8, "portable", "avx2", "avx512", "avx512-vnni"), Float32W4A8)
+
+    @classmethod
+    def rounding(cls, inputs: tuple) -> float:
+        return output_rounding(inputs[2])
+
+    @classmethod
+    def sample(cls, problem: Problem, rows: int, generator: torch.Generator):
+        """W4A16's weights with a bias; W8A8's extreme int8 activations (a lane's largest sums) with
+        per-row and per-tensor scales; float32 output and the model's."""
+        owner, _ = W4A16.sample(problem, rows, generator)
+        bias = torch.randn(problem.outputs, generator=generator)
+        owner.bias = bias.to(problem.device, problem.torch_dtype)
+        q, per_row, per_tensor = int8_activations(problem, rows, generator)
+        return owner, [(q, per_row, torch.float32), (q, per_tensor, torch.float32),
+                       (q, per_row, problem.torch_dtype)]
+
+    @classmethod
+    def reference(cls, owner, inputs: tuple) -> torch.Tensor:
+        q, x_scale, out_dtype = inputs
+        y = W4A16.reference(owner, (q,)) * x_scale.double() + owner.bias.double()
+        return y.to(out_dtype).double()  # rounding to out_dtype is the contract, not an error

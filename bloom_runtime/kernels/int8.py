@@ -252,23 +252,14 @@ class W8A8(Role):
 
     @classmethod
     def rounding(cls, inputs: tuple) -> float:
-        out_dtype = inputs[2]
-        return 0.0 if out_dtype == torch.float32 else 2 * torch.finfo(out_dtype).eps
+        return output_rounding(inputs[2])
 
     @classmethod
     def sample(cls, problem: Problem, rows: int, generator: torch.Generator):
-        """Full-range int8 activations with runs of the extremes (-128, 127), which saturate
-        16-bit pair sums; per-row and per-tensor scales; float32 output (exact sums must
-        survive to 1e-6) and the model's dtype (the fused epilogue)."""
+        """Extreme int8 activations (int8_activations); per-row and per-tensor scales; float32 output
+        (exact sums must survive to 1e-6) and the model's dtype (the fused epilogue)."""
         owner = _int8_owner(problem, generator, cls.ZERO_POINT)
-        q = torch.randint(-128, 128, (rows, problem.inputs), generator=generator, dtype=torch.int8)
-        extremes = torch.rand(rows, problem.inputs, generator=generator) < 0.5
-        q[extremes] = torch.where(torch.rand(int(extremes.sum()), generator=generator) < 0.5, -128, 127).to(
-            torch.int8)
-        device = problem.device
-        per_row = (torch.rand(rows, 1, generator=generator) + 0.5).to(device)
-        per_tensor = torch.tensor([0.75], device=device)
-        q = q.to(device)
+        q, per_row, per_tensor = int8_activations(problem, rows, generator)
         return owner, [(q, per_row, torch.float32), (q, per_tensor, torch.float32),
                        (q, per_tensor, problem.torch_dtype)]
 
@@ -278,3 +269,20 @@ class W8A8(Role):
         acc = (q.double() - owner.zero_point) @ owner.weight.double().t()
         y = acc * owner.weight_scale.double().view(-1) * x_scale.double() + owner.bias.double()
         return y.to(out_dtype).double()  # rounding to out_dtype is the contract, not an error
+
+
+def output_rounding(out_dtype: torch.dtype) -> float:
+    """What rounding once to `out_dtype` allows, relative: the int8-activation roles' contract."""
+    return 0.0 if out_dtype == torch.float32 else 2 * torch.finfo(out_dtype).eps
+
+
+def int8_activations(problem: Problem, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Full-range int8 activations [rows, inputs] with runs of the extremes (-128, 127), which
+    saturate 16-bit pair sums, and scales for them: per row [rows, 1] and per tensor [1]."""
+    q = torch.randint(-128, 128, (rows, problem.inputs), generator=generator, dtype=torch.int8)
+    extremes = torch.rand(rows, problem.inputs, generator=generator) < 0.5
+    q[extremes] = torch.where(torch.rand(int(extremes.sum()), generator=generator) < 0.5, -128, 127).to(
+        torch.int8)
+    device = problem.device
+    per_row = (torch.rand(rows, 1, generator=generator) + 0.5).to(device)
+    return q.to(device), per_row, torch.tensor([0.75], device=device)

@@ -29,6 +29,7 @@ class Scheme:
     FORMAT: ClassVar[str]  # compressed-tensors' name for how the weights are packed
     WEIGHTS: ClassVar[dict[str, Any]]  # compressed-tensors' QuantizationArgs of the weights
     ACTIVATIONS: ClassVar[dict[str, Any] | None] = None  # ... of the inputs; None: left in float
+    SMOOTHQUANT_ALPHA: ClassVar[float | None] = None  # SmoothQuant's strength by default; None: off
     calibrated: ClassVar[bool] = False  # made with activation statistics (static scales)
     READ_ELSEWHERE: ClassVar[bool] = True  # transformers + compressed-tensors can run it from a checkpoint
     reduce_absmax = None  # set by parallel.py where per-token scales must span all ranks

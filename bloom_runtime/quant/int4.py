@@ -1,4 +1,5 @@
-"""INT4 weight-only (W4A16): group-wise symmetric int4 weights, 16-bit activations.
+"""INT4 weights: W4A16 (group-wise symmetric int4 weights, 16-bit activations) and W4A8 (the
+same weights, per-token dynamic int8 activations).
 
 Each group of `GROUP` input channels of an output row has its own scale:
 w = q * scale, q in [-8, 7], scale = |max| / 7.5 as compressed-tensors computes
@@ -12,6 +13,11 @@ words, eight values each, along the input), `weight_scale` [out, in / GROUP], an
 of the group (the embedded model's 144) is padded with zero weights to whole
 groups, and its activations with zeros at run time; such a layer runs and
 quantizes on load, but compressed-tensors cannot store it, so writing one is refused.
+
+W4A8 is compressed-tensors' W4A8 preset: W4A16's weights, with each token's activations
+quantized to int8 at run time as W8A8's are, so that a decode step multiplies int4 by
+int8 (as llama.cpp's Q4_0 x Q8_0 does) instead of converting every nibble to float.
+Its cost in accuracy is the accuracy suite's w4a8 rows, beside w4a16's.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ..kernels import Problem
 from ..model import Linear, TiedEmbedding
 from ..tensors import IN, INT, OUT, SCALE, VOCAB, Stored
 from .base import QuantizedLinear, Scheme, frozen
+from .int8 import Int8Linear, w8a8
 
 BITS = 4
 PER_WORD = 32 // BITS  # int4 values in one int32
@@ -56,10 +63,11 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 
 class Int4Weights(Scheme):
-    """What the int4 linear and the int4 head share: packed words and group scales, the
-    "w4a16" kernel role they pose, and their compressed-tensors description."""
+    """What the int4 linears and heads share: packed words and group scales, the kernel role they
+    pose ("w4a16", or "w4a8" where activations are int8), and their compressed-tensors description."""
 
     GROUP = 128
+    ROLE = "w4a16"
     FORMAT = "pack-quantized"
     WEIGHTS = {**GROUP_WEIGHTS, "group_size": GROUP}
     in_features: int
@@ -72,12 +80,17 @@ class Int4Weights(Scheme):
 
     def kernel_problem(self, dtype: torch.dtype) -> Problem:
         rows, words = self.weight_packed.shape
-        return Problem.of("w4a16", rows, words * PER_WORD, self.weight_packed.device, dtype, group=self.GROUP)
+        device = self.weight_packed.device
+        return Problem.of(self.ROLE, rows, words * PER_WORD, device, dtype, group=self.GROUP)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] @ w^T in x's dtype; x narrower than the packed width is padded with zeros."""
+        """x [..., K] @ w^T in x's dtype."""
+        return self.run_rows(self.padded(x))
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] padded with zeros to the packed width (zeros leave a token's int8 scale as it was)."""
         width = self.weight_packed.shape[1] * PER_WORD
-        return self.run_rows(F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x)
+        return F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x
 
     def check_storable(self, name: str) -> None:
         """compressed-tensors stores whole groups only."""
@@ -134,6 +147,7 @@ class Int4TiedEmbedding(Int4Weights, TiedEmbedding):
     STORED = {"weight_packed": Stored(INT, (VOCAB, None)), "weight_scale": Stored(SCALE, (VOCAB, None))}
     ACTIVATIONS: dict | None = None
     READ_ELSEWHERE = False  # transformers 5.24 runs no packed Embedding (it has no `weight`)
+    bias = None  # the head has none (W4A8's kernels add their owner's)
 
     def __init__(self, weight_packed: torch.Tensor, weight_scale: torch.Tensor, in_features: int,
                  compute_dtype: torch.dtype) -> None:
@@ -170,5 +184,35 @@ def with_group(cls: type, group: int) -> type:
         "scheme": f"{cls.scheme}-g{group}", "GROUP": group, "WEIGHTS": {**cls.WEIGHTS, "group_size": group}})
 
 
-LINEARS = [Int4WeightOnlyLinear] + [with_group(Int4WeightOnlyLinear, g) for g in (64, 32)]
-HEADS = [Int4TiedEmbedding] + [with_group(Int4TiedEmbedding, g) for g in (64, 32)]
+class Int8Activations:
+    """W4A8's difference from W4A16: each token's activations quantized to int8 (W8A8's per-token
+    scales, spanning all ranks under tensor parallelism) and multiplied by the int4 weights in the
+    "w4a8" role, whose kernels add the bias."""
+
+    scheme = "w4a8"
+    ROLE = "w4a8"
+    ACTIVATIONS = Int8Linear.ACTIVATIONS
+    # No SmoothQuant by default: it moves the activations' range into weights that int4 rounds
+    # coarsely (embedded model, int4 head: KL to float32 0.056 with alpha 0.5, 0.050 without,
+    # W4A16's own 0.051). So W4A8's weights are W4A16's.
+    SMOOTHQUANT_ALPHA = None
+
+    _quantize_input = Int8Linear._quantize_input
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return w8a8(self, self.padded(x), self._quantize_input)
+
+
+class Int4Int8Linear(Int8Activations, Int4WeightOnlyLinear):
+    """W4A8: W4A16's int4 groups of 128 with per-token dynamic int8 activations."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x)  # the kernel added the bias
+
+
+class Int4Int8TiedEmbedding(Int8Activations, Int4TiedEmbedding):
+    """W4A16's int4 head with the final hidden state quantized per token, as W8A8's head does."""
+
+
+LINEARS = [Int4WeightOnlyLinear, *(with_group(Int4WeightOnlyLinear, g) for g in (64, 32)), Int4Int8Linear]
+HEADS = [Int4TiedEmbedding, *(with_group(Int4TiedEmbedding, g) for g in (64, 32)), Int4Int8TiedEmbedding]

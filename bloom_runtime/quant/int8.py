@@ -109,6 +109,7 @@ class Int8Linear(_Int8Weights):
     scheme = "w8a8"
     FORMAT = "int-quantized"
     ACTIVATIONS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    SMOOTHQUANT_ALPHA = 0.5
 
     def kernel_problem(self, dtype: torch.dtype) -> Problem:
         return int8_problem("w8a8", self.weight, dtype)

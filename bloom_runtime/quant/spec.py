@@ -33,12 +33,11 @@ class QuantSpec:
 
     @classmethod
     def from_name(cls, name: str) -> QuantSpec:
-        """The default recipe of a scheme, as `load(quant=name)` applies it: SmoothQuant 0.5 where
-        activations are quantized, and the head quantized where the scheme has a head form."""
+        """The default recipe of a scheme, as `load(quant=name)` applies it: its SmoothQuant strength
+        (W8A8's 0.5), and the head quantized where the scheme has a head form."""
         if name not in LINEARS:
             raise InputError(f"quant {name!r}: expected one of {', '.join(LINEARS)}")
-        alpha = 0.5 if LINEARS[name].ACTIVATIONS else None
-        return cls(name, alpha=alpha, head=name if name in HEADS else None)
+        return cls(name, alpha=LINEARS[name].SMOOTHQUANT_ALPHA, head=name if name in HEADS else None)
 
     @classmethod
     def written(cls, name: str) -> QuantSpec:

@@ -98,6 +98,8 @@ using Bf16DotRows = void (*)(const uint16_t*, const uint16_t*, int64_t, int64_t,
                              int64_t);
 using I4Bf16Rows = void (*)(const uint8_t*, const float*, int64_t, const uint16_t*, int64_t, int64_t, int64_t,
                             int64_t, float*, int64_t);
+using I4x8Rows = void (*)(const uint8_t*, const float*, int64_t, const int8_t*, const int32_t*, int64_t, int64_t,
+                          int64_t, int64_t, float*, int64_t);
 template <class T>
 using Attend = void (*)(const T*, const T*, const T*, int64_t, int64_t, const float*, int64_t, int64_t, float,
                         float*, float*);
@@ -116,37 +118,36 @@ struct Variant {
   I4Rows i4;
   Bf16DotRows bf16dot;  // nullptr: no bfloat16 dot instruction
   I4Bf16Rows i4bf16;  // nullptr: likewise (int4 x bfloat16 activations then take the float path)
+  I4x8Rows i4x8;
+  int i4x8_half, i4x8_lane_bytes;  // a W4A8 step's packed bytes, and the bytes of a half one lane sums
   Attend<uint16_t> attend_bf16;
   Attend<float> attend_f32;
 };
 
+// A row of the table: a variant's name, its CPU check, how its int8 activations come prepared, and its
+// namespace's kernels (f16, bf16dot and i4bf16 where it has them, else nullptr).
+#define VARIANT(ns, name, check, i8_act, f16, bf16dot, i4bf16)                                               \
+  {name, check, i8_act, ns::F, ns::i8_rows, ns::bf16_rows, f16, ns::i8w_rows, ns::i4_rows, bf16dot, i4bf16, \
+   ns::i4x8_rows, ns::I4X8_HALF, ns::I4X8_LANE_BYTES, ns::attend_bf16, ns::attend_f32}
+
+const Variant VARIANTS[] = {
+    VARIANT(portable, "portable", [] { return true; }, I8Act::Int32, nullptr, nullptr, nullptr),
 #if defined(__x86_64__)
-const Variant VARIANTS[] = {
-    {"portable", [] { return true; }, I8Act::Int32, portable::F, portable::i8_rows, portable::bf16_rows, nullptr,
-     portable::i8w_rows, portable::i4_rows, nullptr, nullptr, portable::attend_bf16, portable::attend_f32},
-    {"avx2", [] { return bool(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")); }, I8Act::Int16,
-     avx2::F, avx2::i8_rows, avx2::bf16_rows, avx2::f16_rows, avx2::i8w_rows, avx2::i4_rows, nullptr, nullptr,
-     avx2::attend_bf16, avx2::attend_f32},
-    {"avx512", [] { return bool(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")); },
-     I8Act::Int16, avx512::F, avx512::i8_rows, avx512::bf16_rows, avx512::f16_rows, avx512::i8w_rows, avx512::i4_rows,
-     nullptr, nullptr, avx512::attend_bf16, avx512::attend_f32},
-    {"avx512-vnni", [] { return VARIANTS[2].supported() && bool(__builtin_cpu_supports("avx512vnni")); },
-     I8Act::Uint8Plus128, avx512_vnni::F, avx512_vnni::i8_rows, avx512_vnni::bf16_rows, avx512_vnni::f16_rows,
-     avx512_vnni::i8w_rows, avx512_vnni::i4_rows, nullptr, nullptr, avx512_vnni::attend_bf16,
-     avx512_vnni::attend_f32},
-    {"avx512-bf16", [] { return VARIANTS[3].supported() && bool(__builtin_cpu_supports("avx512bf16")); },
-     I8Act::Uint8Plus128, avx512_bf16::F, avx512_bf16::i8_rows, avx512_bf16::bf16_rows, avx512_bf16::f16_rows,
-     avx512_bf16::i8w_rows, avx512_bf16::i4_rows, avx512_bf16::bf16dot_rows, avx512_bf16::i4bf16_rows,
-     avx512_bf16::attend_bf16,
-     avx512_bf16::attend_f32},
-};
-#else
-const Variant VARIANTS[] = {
-    {"portable", [] { return true; }, I8Act::Int32, portable::F, portable::i8_rows, portable::bf16_rows, nullptr,
-     portable::i8w_rows, portable::i4_rows, nullptr, nullptr, portable::attend_bf16, portable::attend_f32},
-};
+    VARIANT(avx2, "avx2", [] { return bool(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")); },
+            I8Act::Int16, avx2::f16_rows, nullptr, nullptr),
+    VARIANT(avx512, "avx512",
+            [] { return bool(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")); },
+            I8Act::Int16, avx512::f16_rows, nullptr, nullptr),
+    VARIANT(avx512_vnni, "avx512-vnni",
+            [] { return VARIANTS[2].supported() && bool(__builtin_cpu_supports("avx512vnni")); },
+            I8Act::Uint8Plus128, avx512_vnni::f16_rows, nullptr, nullptr),
+    VARIANT(avx512_bf16, "avx512-bf16",
+            [] { return VARIANTS[3].supported() && bool(__builtin_cpu_supports("avx512bf16")); },
+            I8Act::Uint8Plus128, avx512_bf16::f16_rows, avx512_bf16::bf16dot_rows, avx512_bf16::i4bf16_rows),
 #endif
+};
+#undef VARIANT
 constexpr int64_t N_VARIANTS = sizeof VARIANTS / sizeof VARIANTS[0];
 
 const Variant& variant(int64_t index) {
@@ -380,6 +381,71 @@ at::Tensor w4a16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor
   return cast_out(sums, x.scalar_type());
 }
 
+// q [M, K] in W4A8's step order: each step of 2H inputs as its H even inputs, then its H odd ones;
+// and per step, for each of its H / lane_bytes int32 lanes, -8 x the sum of the activations that lane
+// multiplies (lane l: bytes [l x lane_bytes, (l + 1) x lane_bytes) of both halves).
+void prepare_i4x8(const int8_t* q, int64_t M, int64_t K, int64_t H, int64_t lane_bytes, int8_t* x, int32_t* corr) {
+  int64_t lanes = H / lane_bytes;
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t k0 = 0; k0 < K; k0 += 2 * H) {
+      const int8_t* src = q + m * K + k0;
+      int8_t* dst = x + m * K + k0;
+      for (int64_t t = 0; t < H; t++) {
+        dst[t] = src[2 * t];
+        dst[H + t] = src[2 * t + 1];
+      }
+      int32_t* c = corr + (m * K + k0) / (2 * H) * lanes;
+      for (int64_t l = 0; l < lanes; l++) {
+        int32_t sum = 0;
+        for (int64_t t = l * lane_bytes; t < (l + 1) * lane_bytes; t++) sum += dst[t] + dst[H + t];
+        c[l] = -8 * sum;
+      }
+    }
+}
+
+// (q @ w^T) * x_scale + bias in out_dtype for int8 q [M, K] and int4 weights in compressed-tensors'
+// packed words [N, K / 8] with float32 scales [N, K / group]: each step's products summed exactly in
+// int32, times its group's scale, summed in float32. x_scale: [M, 1] (per row) or one number.
+at::Tensor w4a8(const at::Tensor& q, const at::Tensor& x_scale, const at::Tensor& packed, const at::Tensor& scale,
+                int64_t group, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype, int64_t index) {
+  const Variant& v = variant(index);
+  int64_t N = packed.size(0), K = packed.size(1) * 8, M = q.size(0);
+  check_rows(packed, "packed", K / 8);
+  check_rows(q, "q", K);
+  TORCH_CHECK(packed.scalar_type() == at::kInt && q.scalar_type() == at::kChar,
+              "bloom_native: w4a8 takes int8 q and int32 packed words");
+  int64_t step = 2 * v.i4x8_half;
+  TORCH_CHECK(group % step == 0 && (group & (group - 1)) == 0 && K % group == 0, "bloom_native: group ", group,
+              " must be a power of two, whole steps of ", step, " inputs, dividing ", K);
+  check_vector(scale, "scale", N * (K / group), at::kFloat);
+  TORCH_CHECK(x_scale.numel() == M || x_scale.numel() == 1, "bloom_native: x_scale is per row or one number");
+  if (bias.has_value()) check_vector(*bias, "bias", N, bias->scalar_type());
+  at::Tensor xs = x_scale.to(at::kFloat).contiguous();
+  thread_local std::vector<int8_t> prepared;
+  thread_local std::vector<int32_t> corrections;
+  int8_t* xp = scratch(prepared, M * K);
+  int32_t* cp = scratch(corrections, M * K / step * (v.i4x8_half / v.i4x8_lane_bytes));
+  prepare_i4x8(q.data_ptr<int8_t>(), M, K, v.i4x8_half, v.i4x8_lane_bytes, xp, cp);
+  at::Tensor sums = at::empty({M, N}, q.options().dtype(at::kFloat));
+  float* sp = sums.data_ptr<float>();
+  const float* xsp = xs.data_ptr<float>();
+  const void* bp = bias.has_value() ? bias->data_ptr() : nullptr;
+  at::ScalarType bias_dtype = bias.has_value() ? bias->scalar_type() : at::kFloat;
+  bool per_row = xs.numel() == M && M > 1;
+  auto w = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
+  over_outputs(N, K / 2, [&](int64_t n0, int64_t n1) {
+    v.i4x8(w, scale.data_ptr<float>(), __builtin_ctzll(group), xp, cp, M, K, n0, n1, sp, N);
+    for (int64_t m = 0; m < M; m++) {
+      float xsm = xsp[per_row ? m : 0];
+      for (int64_t n = n0; n < n1; n++) {
+        float y = sp[m * N + n];
+        sp[m * N + n] = bp ? std::fma(y, xsm, float_at(bias_dtype, bp, n)) : y * xsm;
+      }
+    }
+  });
+  return cast_out(sums, out_dtype);
+}
+
 // x [M, K] @ weight^T + bias for bfloat16 or float16 x and weight, in their dtype.
 at::Tensor dense16(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                    int64_t index) {
@@ -472,6 +538,8 @@ TORCH_LIBRARY(bloom_native, m) {
         "int zero_point, ScalarType out_dtype, int variant) -> Tensor");
   m.def("w8a16(Tensor x, Tensor weight, Tensor weight_scale, int variant) -> Tensor");
   m.def("w4a16(Tensor x, Tensor packed, Tensor scale, int group, int variant) -> Tensor");
+  m.def("w4a8(Tensor q, Tensor x_scale, Tensor packed, Tensor scale, int group, Tensor? bias, "
+        "ScalarType out_dtype, int variant) -> Tensor");
   m.def("dense16(Tensor x, Tensor weight, Tensor? bias, int variant) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias, int variant) -> Tensor");
 }
@@ -481,6 +549,7 @@ TORCH_LIBRARY_IMPL(bloom_native, CPU, m) {
   m.impl("w8a8", &w8a8);
   m.impl("w8a16", &w8a16);
   m.impl("w4a16", &w4a16);
+  m.impl("w4a8", &w4a8);
   m.impl("dense16", &dense16);
   m.impl("decode_attention", &decode_attention);
 }

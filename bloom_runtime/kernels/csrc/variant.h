@@ -93,13 +93,13 @@ static inline void tile(const Op& op, int64_t n, const typename Op::X* x, int64_
   for (; k + 2 * Op::STEP <= K; k += 2 * Op::STEP) {
     typename Op::WV w0 = op.weights(n, k), w1 = op.weights(n, k + Op::STEP);
     for (int m = 0; m < MR_; m++) {
-      even[m] = Op::madd(even[m], w0, Op::acts(x + m * K + k));
-      odd[m] = Op::madd(odd[m], w1, Op::acts(x + m * K + k + Op::STEP));
+      even[m] = Op::madd(even[m], w0, op.acts(x + m * K + k));
+      odd[m] = Op::madd(odd[m], w1, op.acts(x + m * K + k + Op::STEP));
     }
   }
   if (k + Op::STEP <= K) {
     typename Op::WV w0 = op.weights(n, k);
-    for (int m = 0; m < MR_; m++) even[m] = Op::madd(even[m], w0, Op::acts(x + m * K + k));
+    for (int m = 0; m < MR_; m++) even[m] = Op::madd(even[m], w0, op.acts(x + m * K + k));
     k += Op::STEP;
   }
   for (int m = 0; m < MR_; m++) {
@@ -334,6 +334,86 @@ static void i4bf16_rows(const uint8_t* w, const float* scale, int64_t log2_group
   }
 }
 #endif
+
+// ---- int4 weights x int8 activations (W4A8): exact int32 sums a step, float32 across steps ----------
+// A step takes H packed bytes (2H inputs, within one group: a group is whole steps) of a weight row,
+// its nibbles kept unsigned (q + 8: 0..15) so that they can be the unsigned side of the x86 byte
+// products. Activations come prepared by decode.cpp (prepare_i4x8): each step's H even inputs, then
+// its H odd ones (a byte's low and high nibbles), int8, and per step F int32 lanes holding
+// -8 x the sum of the activations that lane multiplies, which take the nibbles' 8 back out. So a
+// lane's int32 sum is exact (at most 2 x 4 x 15 x 128 per lane a step; pairs in 16 bits at most
+// 2 x 15 x 128 + 2 x 15 x 128 = 7680: no saturation), then converted and scaled by the group's scale.
+struct I4x8 {
+  const uint8_t* w;  // [N, K / 2]
+  const float* scale;  // [N, K / group]
+  int64_t K, log2_group;
+  const int8_t* x0;  // the prepared activations [M, K] ...
+  const int32_t* corr0;  // ... and their corrections [M, K / STEP, F]
+  typedef float S;
+  typedef int8_t X;
+  typedef vf Acc;
+#if I8_KIND == I8_PORTABLE
+  static constexpr int H = F;  // bytes a step: one per int32 lane
+  typedef vi V;
+  static V nibbles(const uint8_t* p) { return widen_u8(p); }
+  static V low(V b) { return b & 15; }
+  static V high(V b) { return b >> 4; }
+  static V act(const int8_t* p) { return widen_i8(p); }
+  static vi dot(vi acc, V w, V x) { return acc + w * x; }
+#elif VBYTES == 64
+  static constexpr int H = 64;
+  typedef __m512i V;
+  static V nibbles(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static V low(V b) { return _mm512_and_si512(b, _mm512_set1_epi8(15)); }
+  static V high(V b) { return _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi8(15)); }
+  static V act(const int8_t* p) { return _mm512_loadu_si512(p); }
+#if I8_KIND == I8_VNNI
+  static vi dot(vi acc, V w, V x) { return (vi)_mm512_dpbusd_epi32((__m512i)acc, w, x); }
+#else
+  static vi dot(vi acc, V w, V x) {
+    return acc + (vi)_mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1));
+  }
+#endif
+#else
+  static constexpr int H = 32;
+  typedef __m256i V;
+  static V nibbles(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+  static V low(V b) { return _mm256_and_si256(b, _mm256_set1_epi8(15)); }
+  static V high(V b) { return _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(15)); }
+  static V act(const int8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+  static vi dot(vi acc, V w, V x) {
+    return acc + (vi)_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+  }
+#endif
+  static constexpr int STEP = 2 * H;
+  struct WV {
+    V lo, hi;
+    vf scale;
+  };
+  struct XV {
+    V lo, hi;
+    vi corr;
+  };
+  WV weights(int64_t n, int64_t k) const {
+    V b = nibbles(w + (n * K + k) / 2);
+    return {low(b), high(b), vf{} + scale[(n * K + k) >> log2_group]};
+  }
+  XV acts(const X* x) const {
+    return {act(x), act(x + H), load<vi>(corr0 + (x - x0) / STEP * F)};
+  }
+  static Acc madd(Acc acc, const WV& wv, const XV& xv) {
+    return acc + __builtin_convertvector(dot(dot(xv.corr, wv.lo, xv.lo), wv.hi, xv.hi), vf) * wv.scale;
+  }
+  S one(int64_t, int64_t, X) const { return 0; }  // K is whole steps
+};
+
+static void i4x8_rows(const uint8_t* w, const float* scale, int64_t log2_group, const int8_t* x,
+                      const int32_t* corr, int64_t M, int64_t K, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  rows(I4x8{w, scale, K, log2_group, x, corr}, x, M, K, n0, n1, out, ldo);
+}
+
+constexpr int I4X8_HALF = I4x8::H;
+constexpr int I4X8_LANE_BYTES = I4x8::H / F;  // bytes of each half that one int32 lane sums
 
 // ---- attention of one query over cached keys and values (a decode step), for one (row, head) ----
 // Scores and softmax in float32, probabilities times values summed in float32. T is the element type
