@@ -142,6 +142,8 @@ def test_calibration_is_reproducible(checkpoint):
     (["--scheme", "w8a8", "--float-head"], QuantSpec("w8a8")),
     (["--scheme", "w8a8", "--activation", "static"], QuantSpec("w8a8-static")),
     (["--scheme", "w8a16"], QuantSpec("w8a16", None, head="w8a16")),
+    (["--scheme", "w4a8"], QuantSpec("w4a8", None, head="w8a16")),  # W4A8 smooths only when asked
+    (["--scheme", "w4a8", "--alpha", "0.5", "--float-head"], QuantSpec("w4a8", 0.5)),
     (["--activation", "static-asym", "--no-smooth", "--float-layers", "1"],
      QuantSpec("w8a8-static-asym", None, (1,))),
 ])  # fmt: skip
