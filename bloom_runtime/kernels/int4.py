@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-from .int8 import int8_activations, output_rounding
+from .int8 import Int8ActivationRole
 from .native import NativeKernel, variants_of
 from .selection import Kernel, Problem, Role, activations, register
 
@@ -97,18 +97,21 @@ class W4A16(Role):
 
     @classmethod
     def sample(cls, problem: Problem, rows: int, generator: torch.Generator):
-        n, k, group = problem.outputs, problem.inputs, problem.group
-        q = torch.randint(-8, 8, (n, k), generator=generator, dtype=torch.int8).to(problem.device)
-        scale = (torch.rand(n, k // group, generator=generator) * 0.02 + 1e-3).to(problem.device)
-        packed = pack_to_int32(q.cpu(), BITS).to(q.device)
-        owner = SimpleNamespace(int4_values=lambda: q, weight_packed=packed, weight_scale=scale, GROUP=group)
-        return owner, [(activations(problem, rows, generator),)]
+        return _int4_owner(problem, generator), [(activations(problem, rows, generator),)]
 
     @classmethod
     def reference(cls, owner, inputs: tuple) -> torch.Tensor:
         (x,) = inputs
         scale = owner.weight_scale.double().repeat_interleave(owner.GROUP, dim=1)
         return x.double() @ (owner.int4_values().double() * scale).t()
+
+
+def _int4_owner(problem: Problem, generator: torch.Generator) -> SimpleNamespace:
+    n, k, group = problem.outputs, problem.inputs, problem.group
+    q = torch.randint(-8, 8, (n, k), generator=generator, dtype=torch.int8).to(problem.device)
+    scale = (torch.rand(n, k // group, generator=generator) * 0.02 + 1e-3).to(problem.device)
+    packed = pack_to_int32(q.cpu(), BITS).to(q.device)
+    return SimpleNamespace(int4_values=lambda: q, weight_packed=packed, weight_scale=scale, GROUP=group)
 
 
 class NativeW4A8(NativeKernel):
@@ -148,24 +151,15 @@ class Float32W4A8(Kernel):
 
 
 @register
-class W4A8(Role):
+class W4A8(Int8ActivationRole):
     name = "w4a8"
     candidates = (*variants_of(NativeW4A8, "portable", "avx2", "avx512", "avx512-vnni"), Float32W4A8)
 
     @classmethod
-    def rounding(cls, inputs: tuple) -> float:
-        return output_rounding(inputs[2])
-
-    @classmethod
-    def sample(cls, problem: Problem, rows: int, generator: torch.Generator):
-        """W4A16's weights with a bias; W8A8's extreme int8 activations (a lane's largest sums) with
-        per-row and per-tensor scales; float32 output and the model's."""
-        owner, _ = W4A16.sample(problem, rows, generator)
-        bias = torch.randn(problem.outputs, generator=generator)
-        owner.bias = bias.to(problem.device, problem.torch_dtype)
-        q, per_row, per_tensor = int8_activations(problem, rows, generator)
-        return owner, [(q, per_row, torch.float32), (q, per_tensor, torch.float32),
-                       (q, per_row, problem.torch_dtype)]
+    def owner(cls, problem: Problem, generator: torch.Generator) -> SimpleNamespace:
+        owner = _int4_owner(problem, generator)
+        owner.bias = torch.randn(problem.outputs, generator=generator).to(problem.device, problem.torch_dtype)
+        return owner
 
     @classmethod
     def reference(cls, owner, inputs: tuple) -> torch.Tensor:

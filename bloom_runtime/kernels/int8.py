@@ -243,25 +243,48 @@ class NativeW8A8(NativeKernel, _Int8Gemm):
                            self.weight_sums, self.zero_point, out_dtype, self.index)
 
 
+class Int8ActivationRole(Role):
+    """What the roles fed int8 activations (W8A8, W4A8) share: their probe's inputs and their
+    contract, exact sums rounded once to the output dtype."""
+
+    @classmethod
+    def owner(cls, problem: Problem, generator: torch.Generator) -> SimpleNamespace:
+        """An owner holding random weights (and a bias) of `problem`'s shape."""
+        raise NotImplementedError
+
+    @classmethod
+    def rounding(cls, inputs: tuple) -> float:
+        out_dtype = inputs[2]
+        return 0.0 if out_dtype == torch.float32 else 2 * torch.finfo(out_dtype).eps
+
+    @classmethod
+    def sample(cls, problem: Problem, rows: int, generator: torch.Generator):
+        """Full-range int8 activations with runs of the extremes (-128, 127), which saturate 16-bit
+        pair sums; per-row and per-tensor scales; float32 output (exact sums must survive to 1e-6)
+        and the model's dtype (the fused epilogue)."""
+        owner = cls.owner(problem, generator)
+        q = torch.randint(-128, 128, (rows, problem.inputs), generator=generator, dtype=torch.int8)
+        extremes = torch.rand(rows, problem.inputs, generator=generator) < 0.5
+        q[extremes] = torch.where(torch.rand(int(extremes.sum()), generator=generator) < 0.5, -128, 127).to(
+            torch.int8)
+        device = problem.device
+        per_row = (torch.rand(rows, 1, generator=generator) + 0.5).to(device)
+        per_tensor = torch.tensor([0.75], device=device)
+        q = q.to(device)
+        return owner, [(q, per_row, torch.float32), (q, per_tensor, torch.float32),
+                       (q, per_tensor, problem.torch_dtype)]
+
+
 @register
-class W8A8(Role):
+class W8A8(Int8ActivationRole):
     name = "w8a8"
     candidates = (OneDnnU8, OneDnnSplit,
                   *variants_of(NativeW8A8, "portable", "avx2", "avx512", "avx512-vnni"), IntMM, Float32Sums)
     ZERO_POINT = 3  # probes run with a zero point: static asymmetric activations have one
 
     @classmethod
-    def rounding(cls, inputs: tuple) -> float:
-        return output_rounding(inputs[2])
-
-    @classmethod
-    def sample(cls, problem: Problem, rows: int, generator: torch.Generator):
-        """Extreme int8 activations (int8_activations); per-row and per-tensor scales; float32 output
-        (exact sums must survive to 1e-6) and the model's dtype (the fused epilogue)."""
-        owner = _int8_owner(problem, generator, cls.ZERO_POINT)
-        q, per_row, per_tensor = int8_activations(problem, rows, generator)
-        return owner, [(q, per_row, torch.float32), (q, per_tensor, torch.float32),
-                       (q, per_tensor, problem.torch_dtype)]
+    def owner(cls, problem: Problem, generator: torch.Generator) -> SimpleNamespace:
+        return _int8_owner(problem, generator, cls.ZERO_POINT)
 
     @classmethod
     def reference(cls, owner, inputs: tuple) -> torch.Tensor:
@@ -270,19 +293,3 @@ class W8A8(Role):
         y = acc * owner.weight_scale.double().view(-1) * x_scale.double() + owner.bias.double()
         return y.to(out_dtype).double()  # rounding to out_dtype is the contract, not an error
 
-
-def output_rounding(out_dtype: torch.dtype) -> float:
-    """What rounding once to `out_dtype` allows, relative: the int8-activation roles' contract."""
-    return 0.0 if out_dtype == torch.float32 else 2 * torch.finfo(out_dtype).eps
-
-
-def int8_activations(problem: Problem, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Full-range int8 activations [rows, inputs] with runs of the extremes (-128, 127), which
-    saturate 16-bit pair sums, and scales for them: per row [rows, 1] and per tensor [1]."""
-    q = torch.randint(-128, 128, (rows, problem.inputs), generator=generator, dtype=torch.int8)
-    extremes = torch.rand(rows, problem.inputs, generator=generator) < 0.5
-    q[extremes] = torch.where(torch.rand(int(extremes.sum()), generator=generator) < 0.5, -128, 127).to(
-        torch.int8)
-    device = problem.device
-    per_row = (torch.rand(rows, 1, generator=generator) + 0.5).to(device)
-    return q.to(device), per_row, torch.tensor([0.75], device=device)
