@@ -141,15 +141,18 @@ def test_tp_w4a16_close_to_tp1(checkpoints, tp):
     assert top1 >= 0.95 and error <= 0.02, f"top-1 {top1:.3f}, relative error {error:.2e}"
 
 
-def test_tp_w4a8_equals_tp1(checkpoints, tp):
+def test_tp_w4a8_greedy_tokens_equal_tp1(checkpoints, tp):
     """W4A8 sums each step of int4 x int8 exactly, and per-token scales span the whole token (each
-    rank sees a slice of it in the row-parallel layers): TP=2 equals TP=1 but for the order of the
-    float32 sums across groups and ranks (measured: relative error 3e-7, same greedy tokens)."""
+    rank sees a slice of it in the row-parallel layers). What TP=2 changes is the order of float32
+    sums (across groups, and the all-reduce), which can flip an activation's int8 rounding in the
+    next layer: so, as for W8A8, the same greedy tokens, and logits within a few such flips
+    (measured: 2.7e-7 where both sides ran the VNNI kernel, 3.0e-4 under the AVX2 cap). A scale
+    taken over one rank's slice of a token moves every rounding: planted, 9.2e-3."""
     path = str(checkpoints["int4-groups-128"])
     single, double = outputs(path, "w4a8"), tp[(path, "w4a8", "float32")]
     error = relative_error(double["logits"], single["logits"], single["mask"])
     print(f"w4a8 tp: relative error {error:.2e}")
-    assert error <= 1e-5 and torch.equal(double["greedy"], single["greedy"]), f"relative error {error:.2e}"
+    assert torch.equal(double["greedy"], single["greedy"]) and error <= 2e-3, f"relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
