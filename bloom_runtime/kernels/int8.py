@@ -292,4 +292,3 @@ class W8A8(Int8ActivationRole):
         acc = (q.double() - owner.zero_point) @ owner.weight.double().t()
         y = acc * owner.weight_scale.double().view(-1) * x_scale.double() + owner.bias.double()
         return y.to(out_dtype).double()  # rounding to out_dtype is the contract, not an error
-
