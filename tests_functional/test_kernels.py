@@ -99,6 +99,28 @@ def test_a_candidate_that_raises_or_is_wrong_never_serves(monkeypatch):
     assert "not used: raised RuntimeError" in describe([decision])
 
 
+class _WantsWholeOctets(Kernel):
+    """Refuses a width that is not a multiple of 8, as CUDA's `torch._int_mm` does (cuBLASLt)."""
+
+    name = "planted-octets"
+
+    def forward(self, owner, q, x_scale, out_dtype):
+        if owner.weight.shape[0] % 8:
+            raise RuntimeError(f"mat2.size(1) needs to be a multiple of 8, but got {owner.weight.shape[0]}")
+        return kernels.int8.Float32Sums(owner)(owner, q, x_scale, out_dtype)
+
+
+def test_the_probe_checks_a_width_with_the_real_ones_tail(monkeypatch):
+    """Guards the check on a cut width: the tiny head's 1001 outputs, checked at 48, passed a
+    kernel that then raised when timed at 1001 (seen on an H200: the probe crashed the load)."""
+    monkeypatch.setattr(W8A8, "candidates", (_WantsWholeOctets, kernels.int8.Float32Sums))
+    for outputs, correct in ((1001, False), (3003, False), (4096, True)):
+        decision = probe(Problem("w8a8", "cpu", "float32", outputs, 64))
+        trial = next(t for t in decision.trials if t.name == "planted-octets")
+        assert trial.correct == correct, (outputs, trial.why)
+        assert correct or "multiple of 8" in trial.why
+
+
 def test_no_correct_candidate_is_an_error_not_a_silent_choice(monkeypatch):
     monkeypatch.setattr(W8A8, "candidates", (_Raises, _Wrong))
     with pytest.raises(RuntimeError, match="no kernel computes w8a8"):

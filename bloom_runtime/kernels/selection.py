@@ -52,6 +52,7 @@ TIMED_ROWS = (1, 16, 128)  # decode, a batch of decodes, prefill; a call takes t
 PROBED_ROWS = (1, 17)  # correctness: one row, and an odd count past any vector width
 PROBED_OUTPUTS = 48  # outputs checked against float64 (errors depend on the input width, kept real)
 TIMED_OUTPUTS = 2048  # timing shape's cap on outputs: time grows with them, the choice does not
+TAIL = 16  # a cut output count keeps the real one's remainder modulo this (widest vector, cuBLASLt's 8)
 TIME_BUDGET_S = 0.25  # per candidate and row count: at least one round, at most ROUNDS
 ROUNDS = 5
 CONTENDED_SHARE = 0.25  # of all CPUs, used by other processes while timing: the times are not kept
@@ -363,7 +364,7 @@ def _check(role: type[Role], cls: type[Kernel], problem: Problem) -> Trial:
     if why:
         return Trial(cls.name, False, why)
     generator = torch.Generator().manual_seed(0)
-    small = dataclasses.replace(problem, outputs=min(problem.outputs, PROBED_OUTPUTS))
+    small = _cut(problem, PROBED_OUTPUTS)
     worst, limit = 0.0, cls.tolerance(problem)
     try:
         for rows in PROBED_ROWS:
@@ -383,6 +384,15 @@ def _check(role: type[Role], cls: type[Kernel], problem: Problem) -> Trial:
     return Trial(cls.name, True, "", worst)
 
 
+def _cut(problem: Problem, outputs: int) -> Problem:
+    """The problem with at most about `outputs` outputs, its tail kept: a kernel that mishandles the
+    real width's remainder, or refuses it (CUDA's int8 GEMM wants multiples of 8), fails its check
+    here rather than when it serves (or when it is timed)."""
+    if problem.outputs <= outputs:
+        return problem
+    return dataclasses.replace(problem, outputs=outputs + problem.outputs % TAIL)
+
+
 def activations(problem: Problem, rows: int, generator: torch.Generator) -> torch.Tensor:
     """Random float activations [rows, inputs] of the problem's dtype, on its device."""
     x = torch.randn(rows, problem.inputs, generator=generator)
@@ -395,7 +405,7 @@ def _times(role: type[Role], classes: list[type[Kernel]], problem: Problem) -> l
     the nearest cache; the candidates take turns, one run each, and each keeps its fastest run, so a
     burst of load elsewhere slows a round of all of them rather than one candidate's every run."""
     generator = torch.Generator().manual_seed(1)
-    timed = dataclasses.replace(problem, outputs=min(problem.outputs, TIMED_OUTPUTS))
+    timed = _cut(problem, TIMED_OUTPUTS)
     copies = min(RING_MAX, max(1, math.ceil(RING_BYTES / (timed.outputs * timed.inputs))))
     out: list[dict[int, float]] = [{} for _ in classes]
     for rows in TIMED_ROWS:
