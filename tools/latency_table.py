@@ -30,7 +30,7 @@ def runs(paths: list[Path]) -> pd.DataFrame:
         df = pd.DataFrame(run["results"])
         df["scheme"] = run["quant"] or run["dtype"]
         kinds = {engine: _kind(description) for engine, description in run["peers"].items()}
-        df["kind"] = df["engine"].map(kinds).fillna("")
+        df["kind"] = [kinds.get(engine, "") for engine in df["engine"]]
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
@@ -54,7 +54,7 @@ def markdown(df: pd.DataFrame) -> str:
     lengths = sorted(df["InputSeqLen(Encoding)"].unique())
     longest = lengths[-1]
     head = (["scheme", "batch"] + [f"{e} next-token ms" for e in names]
-            + [f"first token @{longest} ms (ours / {' / '.join(names[1:])})"])
+            + [f"first token @{longest} ms" + (f" (ours / {' / '.join(names[1:])})" if names[1:] else "")])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (scheme, batch), group in df.groupby(["scheme", "Batch"], sort=False):
         cells = [scheme, str(batch)]
