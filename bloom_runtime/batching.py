@@ -8,7 +8,8 @@ Rows are right-aligned in one `KVCache` (fixed slots, per-row masks): every row'
 at column `end`, so a decode step feeds one token per row at one position, and BLOOM's
 ALiBi bias, which depends only on the mask and on the distance between indices, is exact
 for every row without per-row positions (model.attention_bias). Newly admitted rows are
-prefilled together, straight into the free rows at the columns that end at `end` (or, joining
+prefilled in one forward (a segment per prompt length: no prompt is padded to another's),
+straight into the free rows at the columns that end at `end` (or, joining
 a step, inside that step's forward: one read of the weights for the decode and the prefill);
 a prompt longer than `end` first moves the running rows right. A leaving row's slot takes the last
 row (one row copied), and when every row starts well after column 0, the columns before them
@@ -24,6 +25,7 @@ log-probabilities, finish reason): what a reader in another thread gets, never t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 
@@ -31,7 +33,6 @@ from .errors import InputError
 from .kv_cache import KVCache
 from .model import Bloom, Segment
 from .sampling import GenerationConfig, choose
-from .tokenizer import left_pad
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"  # why a sequence finished
 
@@ -129,14 +130,13 @@ class Batch:
 
     @torch.inference_mode()
     def admit(self, group: list[Sequence]) -> list[Output]:
-        """Prefill `group` together (left-padded among themselves), choose each one's first token,
+        """Prefill `group` in one forward (see `_place`), choose each one's first token,
         and join the running rows; returns their outputs. Those already finished (one token, or a
         stop) leave at once."""
         first = len(self.sequences)
-        segment = self._place(group, after_step=False)
-        logits = self.model(segment.input_ids, segment.mask, segment.cache, 0, last_only=True)[:, -1]
+        logits = self.model.forward_segments(self._place(group, after_step=False), last_only=True)
         self._join(group)
-        return self._advance(first, logits)
+        return self._advance(first, torch.cat([part[:, -1] for part in logits]))
 
     @torch.inference_mode()
     def step(self, admitting: list[Sequence] = ()) -> list[Output]:
@@ -149,7 +149,7 @@ class Batch:
         if not running:
             return self.admit(group) if group else []
         self._make_room()
-        joining = [self._place(group, after_step=True)] if group else []
+        joining = self._place(group, after_step=True) if group else []
         n, end = len(running), self.end
         self.mask[:n, end] = 1
         decode = Segment(self.last[:n, None], self.mask[:n, : end + 1], self.cache.view(slice(0, n), 0), end)
@@ -159,9 +159,11 @@ class Batch:
         self._join(group)
         return self._advance(0, torch.cat([part[:, -1] for part in logits]))
 
-    def _place(self, group: list[Sequence], after_step: bool) -> Segment:
+    def _place(self, group: list[Sequence], after_step: bool) -> list[Segment]:
         """Make room for `group` in the free rows, its prompts ending where the running rows' tokens
-        end (after this step's, when it joins a step), and the segment that prefills it there."""
+        end (after this step's, when it joins a step), and the segments that prefill it there: one
+        per run of neighbouring prompts of one length, so no prompt is padded to another's and a
+        group's prefill costs its own tokens (a server's admissions have every length)."""
         if not 0 < len(group) <= self.free_rows:
             raise InputError(f"cannot admit {len(group)} sequences: {self.free_rows} rows are free")
         for seq in group:
@@ -174,14 +176,18 @@ class Batch:
             self._shift_right(width - ends)
             ends = width
         self._grow(ends)  # joining a step: its column too
-        rows = slice(len(self.sequences), len(self.sequences) + len(group))
-        offset = ends - width
-        ids, mask = left_pad([seq.prompt for seq in group], 0)
-        ids, mask = ids.to(self.mask.device), mask.to(self.mask.device)
-        self.cache.clear(rows, slice(0, offset))
-        self.mask[rows] = 0
-        self.mask[rows, offset:ends] = mask
-        return Segment(ids, mask, self.cache.view(rows, offset), 0)
+        segments, row = [], len(self.sequences)
+        device = self.mask.device
+        for length, run in itertools.groupby(group, key=lambda seq: len(seq.prompt)):
+            prompts = [seq.prompt for seq in run]
+            rows, offset = slice(row, row + len(prompts)), ends - length
+            row += len(prompts)
+            self.cache.clear(rows, slice(0, offset))
+            self.mask[rows] = 0
+            self.mask[rows, offset:ends] = 1
+            ids = torch.tensor(prompts, dtype=torch.long, device=device)
+            segments.append(Segment(ids, torch.ones_like(ids), self.cache.view(rows, offset), 0))
+        return segments
 
     def _join(self, group: list[Sequence]) -> None:
         """The prefilled `group` becomes rows of the batch, after the running ones."""

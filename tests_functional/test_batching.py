@@ -138,6 +138,35 @@ def test_rows_that_leave_cost_nothing_and_the_cache_stays_bounded(engines):
     assert batch.cache.max_len <= 2 * (2 * longest + 1), f"the cache grew to {batch.cache.max_len} columns"
 
 
+def test_a_group_prefills_its_own_tokens_not_a_padded_rectangle(engines, monkeypatch):
+    """Guards the server's admissions against padding: prompts of 5, 5 and 30 tokens prefill 40
+    token rows, not 3 x 30 (a server admits every length; left-padding them cost up to twice the
+    prefill), with the lone tokens still (the hypothesis test above checks every schedule)."""
+    engine = engines["float32"]
+    rows = []
+    real = engine.model.forward_segments
+
+    def counting(segments, last_only=False):
+        rows.append(sum(segment.tokens for segment in segments))
+        return real(segments, last_only)
+
+    monkeypatch.setattr(engine.model, "forward_segments", counting)
+    config = GenerationConfig(max_new_tokens=3)
+    prompts = [[5, 6, 7, 8, 9], [9, 8, 7, 6, 5], list(range(10, 40))]
+    batch = engine.batch(4, 8)
+    seqs = [engine.sequence(p, config, None) for p in prompts]
+    batch.admit(seqs)
+    assert rows == [40]
+    late = engine.sequence([4, 5, 6], config, None)
+    batch.step(admitting=[late])
+    assert rows[-1] == 3 + 3  # three decoding rows and the late prompt's three tokens
+    while batch.sequences:
+        batch.step()
+    monkeypatch.undo()
+    for seq, prompt in zip([*seqs, late], [*prompts, [4, 5, 6]]):
+        assert seq.tokens == engine.generate(torch.tensor([prompt]), max_new_tokens=3)[0].tolist()
+
+
 def test_two_live_streams_on_one_engine_do_not_share_a_cache(engines):
     engine = engines["float32"]
     a, b = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[11, 12]])
