@@ -134,9 +134,9 @@ class Batch:
         and join the running rows; returns their outputs. Those already finished (one token, or a
         stop) leave at once."""
         first = len(self.sequences)
-        logits = self.model.forward_segments(self._place(group, after_step=False), last_only=True)
+        logits = self._last_logits(self._place(group, after_step=False))
         self._join(group)
-        return self._advance(first, torch.cat([part[:, -1] for part in logits]))
+        return self._advance(first, logits)
 
     @torch.inference_mode()
     def step(self, admitting: list[Sequence] = ()) -> list[Output]:
@@ -153,11 +153,15 @@ class Batch:
         n, end = len(running), self.end
         self.mask[:n, end] = 1
         decode = Segment(self.last[:n, None], self.mask[:n, : end + 1], self.cache.view(slice(0, n), 0), end)
-        logits = self.model.forward_segments([decode, *joining], last_only=True)
+        logits = self._last_logits([decode, *joining])
         self.end += 1
         self.lengths = [length + 1 for length in self.lengths]
         self._join(group)
-        return self._advance(0, torch.cat([part[:, -1] for part in logits]))
+        return self._advance(0, logits)
+
+    def _last_logits(self, segments: list[Segment]) -> torch.Tensor:
+        """The segments through one forward: each row's logits at its last position, rows in order."""
+        return torch.cat([part[:, -1] for part in self.model.forward_segments(segments, last_only=True)])
 
     def _place(self, group: list[Sequence], after_step: bool) -> list[Segment]:
         """Make room for `group` in the free rows, its prompts ending where the running rows' tokens

@@ -104,10 +104,14 @@ class _WantsWholeOctets(Kernel):
 
     name = "planted-octets"
 
+    def __init__(self, owner) -> None:
+        super().__init__(owner)
+        self.real = kernels.int8.Float32Sums(owner)
+
     def forward(self, owner, q, x_scale, out_dtype):
         if owner.weight.shape[0] % 8:
             raise RuntimeError(f"mat2.size(1) needs to be a multiple of 8, but got {owner.weight.shape[0]}")
-        return kernels.int8.Float32Sums(owner)(owner, q, x_scale, out_dtype)
+        return self.real(owner, q, x_scale, out_dtype)
 
 
 def test_the_probe_checks_a_width_with_the_real_ones_tail(monkeypatch):
