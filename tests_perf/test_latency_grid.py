@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 
 import pandas as pd
 import pytest
@@ -35,11 +36,24 @@ def runs_case(engine: str, batch: int) -> bool:
     return batch == 1 or engine not in SINGLE_SEQUENCE
 
 
-def run(tmp_path, name, **kwargs):
-    opts = harness.PerfOptions(output=tmp_path / f"{name}.csv", cache=tmp_path.parent / "peer-cache",
-                               **kwargs)
-    rows, meta, _ = harness.run(opts, progress=False)
-    return opts, rows, meta
+@pytest.fixture(scope="module")
+def peer_cache(tmp_path_factory):
+    """The peers' conversions, shared by this module's runs and removed after them: bloom-560m's
+    GGUF, CTranslate2 and checkpoint files take about 5 GB, which pytest would otherwise keep in
+    each of its last three base directories."""
+    cache = tmp_path_factory.mktemp("peer-cache")
+    yield cache
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.fixture()
+def run(tmp_path, peer_cache):
+    def measure(name, **kwargs):
+        opts = harness.PerfOptions(output=tmp_path / f"{name}.csv", cache=peer_cache, **kwargs)
+        rows, meta, _ = harness.run(opts, progress=False)
+        return opts, rows, meta
+
+    return measure
 
 
 def check_exports(opts, rows, meta, engines):
@@ -47,6 +61,7 @@ def check_exports(opts, rows, meta, engines):
     csv = pd.read_csv(stem.with_suffix(".csv"))
     assert list(csv.columns[: len(GUIDE_COLUMNS)]) == GUIDE_COLUMNS
     expected = {(e, c.key) for e in engines for c in opts.cases if runs_case(e, c.batch)}
+    assert not any("FAILED" in described for described in meta["peers"].values()), meta["peers"]
     assert set(zip(csv["engine"], csv["case"])) == expected
     payload = json.loads(stem.with_suffix(".json").read_text())
     for key in ("model", "dtype", "quant", "tp", "device", "machine", "versions", "grid_average", "results"):
@@ -80,19 +95,19 @@ def check_ratios(csv: pd.DataFrame, peers) -> None:
         assert ours["tpot_x_bandwidth_limit"] > 0 and ours["ttft_x_compute_limit"] > 0
 
 
-def test_full_guide_grid_on_embedded_model_with_peers(tmp_path, peers):
+def test_full_guide_grid_on_embedded_model_with_peers(run, peers):
     grid = cases.from_ranges([1], (5, 10), (5, 10))
     assert len(grid) == 36
-    opts, rows, meta = run(tmp_path, "tiny", cases=grid, compare=peers, warmup=0, repeat=2)
+    opts, rows, meta = run("tiny", cases=grid, compare=peers, warmup=0, repeat=2)
     csv = check_exports(opts, rows, meta, ("bloom-runtime", *peers))
     check_consistency(csv)
     check_ratios(csv, peers)
     assert set(meta["grid_average"]) == {"bloom-runtime", *peers}
 
 
-def test_reduced_grid_on_bloom_560m_with_peers(tmp_path, peers):
+def test_reduced_grid_on_bloom_560m_with_peers(run, peers):
     grid = cases.from_pairs([1, 2], [32, 64], [8, 8])
-    opts, rows, meta = run(tmp_path, "560m", model="random:bloom-560m", dtype="bfloat16", cases=grid,
+    opts, rows, meta = run("560m", model="random:bloom-560m", dtype="bfloat16", cases=grid,
                            compare=peers, warmup=1, repeat=2)
     csv = check_exports(opts, rows, meta, ("bloom-runtime", *peers))
     check_consistency(csv)
@@ -100,17 +115,16 @@ def test_reduced_grid_on_bloom_560m_with_peers(tmp_path, peers):
 
 
 @pytest.mark.parametrize("quant", ["w8a8", "w4a16"])
-def test_low_bit_schemes_on_bloom_560m_with_peers(tmp_path, peers, quant):
+def test_low_bit_schemes_on_bloom_560m_with_peers(run, peers, quant):
     """The int8 and int4 paths against CTranslate2 int8 and llama.cpp Q8_0 / Q4_0, batch 1 and 2."""
     grid = cases.from_pairs([1, 2], [32], [8])
-    opts, rows, meta = run(tmp_path, quant, model="random:bloom-560m", dtype="bfloat16", quant=quant,
+    opts, rows, meta = run(quant, model="random:bloom-560m", dtype="bfloat16", quant=quant,
                            cases=grid, compare=peers, warmup=1, repeat=2)
     csv = check_exports(opts, rows, meta, ("bloom-runtime", *peers))
     check_consistency(csv)
     check_ratios(csv, peers)
     kind = "Q8_0" if quant == "w8a8" else "Q4_0"
     assert f"{kind}, batch 1 only; built for: " in meta["peers"]["llamacpp"]
-    assert not any("FAILED" in described for described in meta["peers"].values()), meta["peers"]
 
 
 CRASHING_PEER = r"""
@@ -121,7 +135,7 @@ os.kill(os.getpid(), signal.SIGILL)
 """
 
 
-def test_a_peer_that_crashes_is_a_reported_failure_not_a_dead_run(tmp_path, monkeypatch):
+def test_a_peer_that_crashes_is_a_reported_failure_not_a_dead_run(tmp_path, run, monkeypatch):
     """Guards the SIGILL that killed pytest on an AVX2 EPYC (llama.cpp built for AVX-512): the
     peer's process dies, ours and the report live on, and the metadata says what happened."""
     import sys
@@ -130,14 +144,14 @@ def test_a_peer_that_crashes_is_a_reported_failure_not_a_dead_run(tmp_path, monk
 
     monkeypatch.setattr(isolated, "CHILD", [sys.executable, "-c", CRASHING_PEER])
     grid = cases.from_pairs([1], [8], [4])
-    opts, rows, meta = run(tmp_path, "crash", cases=grid, compare=("llamacpp",), warmup=0, repeat=1)
+    opts, rows, meta = run("crash", cases=grid, compare=("llamacpp",), warmup=0, repeat=1)
     assert [row["engine"] for row in rows] == ["bloom-runtime"]
     assert meta["peers"]["llamacpp"] == "a peer built for another CPU: FAILED, crashed with SIGILL " \
         "(an instruction this CPU lacks: rebuild it here)"
     assert json.loads((tmp_path / "crash.json").read_text())["peers"] == meta["peers"]
 
 
-def test_each_case_is_written_when_it_finishes(tmp_path, monkeypatch):
+def test_each_case_is_written_when_it_finishes(tmp_path, run, monkeypatch):
     from bloom_runtime.bench import runners
 
     real = runners.OursRunner.arrivals
@@ -152,6 +166,6 @@ def test_each_case_is_written_when_it_finishes(tmp_path, monkeypatch):
     monkeypatch.setattr(runners.OursRunner, "arrivals", interrupted)
     grid = cases.from_pairs([1], [32, 64], [4, 4])
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "cut", cases=grid, warmup=0, repeat=1)
+        run("cut", cases=grid, warmup=0, repeat=1)
     kept = pd.read_csv(tmp_path / "cut.csv")
     assert list(kept["case"]) == ["b1_in32_out4"]
