@@ -266,7 +266,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         return
     app = create_app(engine, args.served_model_name or args.model, args.max_batch_size, args.max_waiting,
                      args.max_batch_tokens, Path(args.chat_template) if args.chat_template else None,
-                     static=args.batching == "static", max_body_bytes=args.max_body_bytes)
+                     static=args.batching == "static", max_body_bytes=args.max_body_bytes,
+                     scheduler_thread=False)
     name = args.served_model_name or args.model
     print(f"bloom-runtime: serving {name} on http://{args.host}:{args.port}/v1 (tp={engine.shard.world}, "
           f"up to {args.max_batch_size} sequences a step)", file=sys.stderr, flush=True)

@@ -230,6 +230,48 @@ def test_sigterm_lets_a_running_stream_finish_and_exits_0(engine):
     assert process.stop() == 0
 
 
+def test_serve_runs_the_model_on_the_thread_that_loaded_it(engine):
+    """Bug: the model stepped on a scheduler thread while the main thread had loaded it, which
+    cost 1.5x a token on 2 cores (a second OpenMP pool: app.serve). In-process, so the forward
+    can say where it runs; SIGTERM, handled by serve, ends it."""
+    import threading
+
+    from bloom_runtime.bench.servers import free_port
+    from bloom_runtime.serving.app import create_app, serve
+
+    steps, forward = set(), engine.model.forward_segments
+    engine.model.forward_segments = lambda *a, **k: steps.add(threading.get_ident()) or forward(*a, **k)
+    port, answers = free_port(), []
+    url = f"http://127.0.0.1:{port}"
+
+    def client() -> None:
+        try:
+            wait_for(lambda: _answers(url + "/health"))
+            answers.append(httpx.post(url + "/v1/completions", timeout=CLIENT_TIMEOUT_S,
+                                      json={"prompt": PROMPTS[0], "max_tokens": 5}).json())
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    sent = threading.Thread(target=client)
+    sent.start()
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        serve(create_app(engine, "tiny", scheduler_thread=False), "127.0.0.1", port)
+    finally:
+        del engine.model.forward_segments
+        sent.join(CLIENT_TIMEOUT_S)
+    assert answers[0]["choices"][0]["text"] == solo(engine, PROMPTS[0], 5)
+    assert steps == {threading.main_thread().ident}
+    assert signal.getsignal(signal.SIGTERM) is before  # serve gives the handlers back
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def test_under_torchrun_two_ranks_serve_what_one_does(tmp_path, client):
     """Rank 0 serves and broadcasts each step's plan; rank 1 runs it on its half of the heads."""
     from bloom_runtime.embedded import TINY_DIR

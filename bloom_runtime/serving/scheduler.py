@@ -1,7 +1,8 @@
 """Continuous batching for the server: requests wait in a bounded queue, join the running batch
 between decode steps, and leave it as soon as they finish or their client goes away.
 
-One thread owns the `Batch` and does model work only. Each turn of its loop is a `Plan`
+One thread owns the `Batch` and does model work only: a thread of the scheduler's own, or
+(`bloom-runtime serve`) the main thread, the one that loaded the engine. Each turn of its loop is a `Plan`
 (evict, admit what fits, step); under tensor parallelism rank 0 broadcasts each plan before
 running it and every other rank runs the same plan on its own part of the model (`follow`),
 so all ranks hold the same batch. The HTTP side talks to the loop only in messages: it
@@ -156,9 +157,10 @@ class Scheduler:
     """The loop that owns the running batch (see the module docstring)."""
 
     def __init__(self, engine: Engine, metrics: Metrics, max_batch_size: int, max_waiting: int,
-                 max_batch_tokens: int, static: bool = False) -> None:
+                 max_batch_tokens: int, static: bool = False, own_thread: bool = True) -> None:
         """`static`: admit only into an empty batch (fixed batches, as `generate` runs them), to
-        measure what continuous batching buys."""
+        measure what continuous batching buys. `own_thread` False: `start` does nothing and the
+        owner calls `run` on the thread that should do the model work."""
         self.engine, self.metrics, self.static = engine, metrics, static
         self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
         self.max_batch_tokens = max_batch_tokens
@@ -170,21 +172,28 @@ class Scheduler:
         self.stopping = False
         self.failed: str | None = None
         self._keys = iter(range(2**62))
-        self.thread = threading.Thread(target=self._loop, name="bloom-runtime-scheduler", daemon=True)
+        self.began = False  # whether `run` was entered; `ended` is set when it returns
+        self.ended = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="bloom-runtime-scheduler", daemon=True) \
+            if own_thread else None
 
     @property
     def healthy(self) -> bool:
-        return self.failed is None and not self.stopping and self.thread.is_alive()
+        return self.failed is None and not self.stopping and not self.ended.is_set()
 
     def start(self) -> None:
-        self.thread.start()
+        """Run the loop on the scheduler's own thread, if it has one."""
+        if self.thread is not None:
+            self.thread.start()
 
     def stop(self) -> None:
         """Finish what is running and waiting, then end the loop (and the other ranks' loops)."""
         with self.wake:
             self.stopping = True
             self.wake.notify()
-        self.thread.join()
+            began = self.began
+        if began:  # else the loop, if it ever starts, finds nothing to do and returns at once
+            self.ended.wait()
 
     def specs(self, prompts: list[list[int]], n: int, config: GenerationConfig | None, seed: int | None,
               prompt_logprobs: int | None = None) -> list[Spec]:
@@ -242,7 +251,11 @@ class Scheduler:
             del self.running[key]
         self.leaving += keys
 
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """The loop, on the calling thread, until `stop` has been called and nothing is left (or
+        an error, which every request hears of)."""
+        with self.wake:
+            self.began = True
         try:
             while (plan := self._next_plan()) is not None:
                 if self.engine.shard.world > 1:
@@ -252,8 +265,11 @@ class Scheduler:
             log.exception("the scheduler stopped")
             self._fail(f"{type(err).__name__}: {err}")
         finally:
-            if self.engine.shard.world > 1:
-                broadcast(Plan(stop=True))
+            try:
+                if self.engine.shard.world > 1:
+                    broadcast(Plan(stop=True))
+            finally:
+                self.ended.set()
 
     def _next_plan(self) -> Plan | None:
         """Wait for work; then the sequences to evict and the waiting ones that fit."""
