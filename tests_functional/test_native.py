@@ -92,6 +92,25 @@ def test_dense16_matches_float64(variant, rows, outputs, inputs, half):
     assert got.dtype == half and error(got, want) < 2 * torch.finfo(half).eps  # float32 sums, rounded once
 
 
+@pytest.mark.parametrize("kernel", ["dense16", "w8a16"])
+def test_a_rows_float_sums_do_not_depend_on_the_rows_batched_with_it(variant, kernel):
+    """Guards a tile that sums its outputs in another order than the one-row tile (the two-weight-row
+    tile of the 64-byte variants, or a split of K): then a sequence's logits, and at near-ties its
+    greedy tokens, would change with the batch it runs in. Bit for bit, 17 rows against each alone."""
+    g = torch.Generator().manual_seed(17)
+    w = torch.randn(67, 1037, generator=g) * 0.05
+    x = torch.randn(17, 1037, generator=g).to(torch.bfloat16)
+    ops = torch.ops.bloom_native
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        if kernel == "dense16":
+            return ops.dense16(rows, w.to(torch.bfloat16), None, variant).float()
+        return ops.w8a16(rows.float(), (w * 1000).to(torch.int8), torch.full((67,), 1e-3), variant)
+
+    batched = run(x)
+    assert all(torch.equal(batched[m], run(x[m:m + 1])[0]) for m in range(17))
+
+
 @pytest.mark.parametrize("rows,outputs,inputs", SHAPES)
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
 def test_w8a16_matches_float64(variant, rows, outputs, inputs, act):
