@@ -369,7 +369,7 @@ def _serve_parser(sub) -> None:
     serve.add_argument("--max-waiting", type=int, default=64,
                        help="most requests queued; beyond it requests get 429 with Retry-After")
     serve.add_argument("--max-batch-tokens", type=int, default=2048,
-                       help="most padded prompt tokens prefilled together when requests join")
+                       help="most prompt tokens prefilled together when requests join (one always fits)")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="the context a request may fill, prompt and new tokens (default: the model's)")
     serve.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,

@@ -230,6 +230,21 @@ def test_sigterm_lets_a_running_stream_finish_and_exits_0(engine):
     assert process.stop() == 0
 
 
+def test_an_admission_takes_prompts_while_their_tokens_fit_the_budget(engine):
+    """Guards the budget counting padded rows (rows x longest prompt) after the prefill stopped
+    padding: prompts of 60 and 30 tokens (90) fit 100 together, where 2 x 60 would not. The next
+    one (20 more) waits; a prompt over the budget alone is still taken, alone."""
+    from bloom_runtime.serving.metrics import Metrics
+    from bloom_runtime.serving.scheduler import Scheduler, Ticket
+
+    scheduler = Scheduler(engine, Metrics("tiny"), max_batch_size=8, max_waiting=8, max_batch_tokens=100,
+                          own_thread=False)
+    for length in (60, 30, 20, 150, 5):
+        scheduler.submit(Ticket(scheduler.specs([[7] * length], 1, None, None), lambda _messages: None))
+    taken = [[len(spec.prompt) for spec in scheduler._take_admissions()] for _ in range(3)]
+    assert taken == [[60, 30], [20], [150]]
+
+
 def test_serve_runs_the_model_on_the_thread_that_loaded_it(engine):
     """Bug: the model stepped on a scheduler thread while the main thread had loaded it, which
     cost 1.5x a token on 2 cores (a second OpenMP pool: app.serve). In-process, so the forward

@@ -285,19 +285,20 @@ class Scheduler:
         return Plan(evict=evict, admit=admit)
 
     def _take_admissions(self) -> list[Spec]:
-        """Sequences from the front of the queue, in order, while rows are free and the prefill's
-        padded size (rows x longest prompt) stays within max_batch_tokens (one always fits). A
-        request leaves the queue when its last sequence is taken."""
+        """Sequences from the front of the queue, in order, while rows are free and their prompt
+        tokens, the rows the admission prefills (it pads no prompt to another: batching.py), stay
+        within max_batch_tokens (one always fits). A request leaves the queue when its last
+        sequence is taken."""
         if self.static and self.running:
             return []
         free = self.max_batch_size - len(self.running)
         taken: list[Spec] = []
-        width = 0
+        tokens = 0
         while self.waiting and len(taken) < free:
             ticket = self.waiting[0]
             spec = ticket.specs[ticket.admitted]
-            width = max(width, len(spec.prompt))
-            if taken and width * (len(taken) + 1) > self.max_batch_tokens:
+            tokens += len(spec.prompt)
+            if taken and tokens > self.max_batch_tokens:
                 break
             taken.append(spec)
             ticket.admitted += 1
