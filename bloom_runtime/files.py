@@ -47,11 +47,14 @@ def write_json(path: Path, payload: Any) -> None:
 
 
 @contextmanager
-def staged_output(output: str | os.PathLike, inputs: list[Path | None], force: bool) -> Iterator[Path]:
+def staged_output(output: str | os.PathLike, inputs: list[Path | None], force: bool,
+                  needs: int = 0) -> Iterator[Path]:
     """A fresh temporary directory that becomes `output` when the block succeeds.
 
-    Refuses an `output` that overlaps any of `inputs` (inputs are never written) or
-    that exists, unless `force`. A failed or interrupted block leaves no trace.
+    Refuses an `output` that overlaps any of `inputs` (inputs are never written), that
+    exists, unless `force`, or whose `needs` (bytes the block will write, where the caller
+    knows) exceed the free space there: one line before any work, where a full disk would
+    fail it midway. A failed or interrupted block leaves no trace.
     """
     output = Path(output).resolve()
     for source in filter(None, inputs):
@@ -61,6 +64,10 @@ def staged_output(output: str | os.PathLike, inputs: list[Path | None], force: b
     if output.exists() and not force:
         raise InputError(f"output {output} exists; pass --force to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(output.parent).free
+    if needs > free:
+        raise InputError(f"output {output}: writing it needs about {needs / 1e9:.2f} GB and "
+                         f"{output.parent} has {free / 1e9:.2f} GB free")
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
     try:
         yield staging

@@ -43,3 +43,20 @@ def test_a_failed_stage_leaves_nothing_and_an_existing_output_is_kept(tmp_path):
     target.mkdir()
     with pytest.raises(InputError, match="--force"), staged_output(target, [], force=False):
         pass
+
+
+def test_a_cut_that_would_not_fit_the_disk_is_refused_in_one_line_before_it_starts(tmp_path, monkeypatch):
+    """Guards a tool that fills the disk midway (the llama.cpp peer's 2.1 GB float32 GGUF is the
+    same check): the embedded model's cut needs about 5 MB; a disk with 1 MB free refuses it
+    with the sizes, and nothing is written."""
+    import shutil
+
+    from bloom_runtime import files
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: real(path)._replace(free=10**6))
+    with pytest.raises(InputError, match=r"needs about 0\.0\d GB and .* has 0\.00 GB free"):
+        cut_checkpoint("tiny", tmp_path / "cut", tp=2)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(files.shutil, "disk_usage", real)
+    assert (cut_checkpoint("tiny", tmp_path / "cut", tp=2) / "manifest.json").is_file()

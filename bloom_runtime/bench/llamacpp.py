@@ -94,7 +94,8 @@ def write_gguf(directory: Path, target: Path) -> None:
 
     config = BloomConfig.from_dict(read_json(directory / "config.json"), str(directory / "config.json"))
     state = load(directory, dtype="float32").model.state_dict()
-    with staged_output(target, [directory], force=True) as staging:
+    needs = sum(t.numel() * 4 for t in state.values())
+    with staged_output(target, [directory], force=True, needs=needs) as staging:
         writer = gguf.GGUFWriter(str(staging / GGUF), "bloom")
         _header(writer, config)
         for name, tensor in _tensors(state, config):
@@ -151,6 +152,7 @@ def _quantize(source: Path, target: Path, ftype: int, threads: int) -> None:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = ftype, threads
-    with staged_output(target, [source.parent], force=True) as staging:
+    needs = source.stat().st_size // (1 if ftype == llama_cpp.LLAMA_FTYPE_ALL_F32 else 2)  # at most 16 bits
+    with staged_output(target, [source.parent], force=True, needs=needs) as staging:
         if llama_cpp.llama_model_quantize(str(source).encode(), str(staging / GGUF).encode(), params) != 0:
             raise RuntimeError(f"llama.cpp could not quantize {source} to type {ftype}")
