@@ -133,21 +133,21 @@ def test_no_correct_candidate_is_an_error_not_a_silent_choice(monkeypatch):
 
 def test_the_fastest_correct_kernel_serves_the_nearest_row_counts():
     trial = sel.Trial
-    correct = [trial("int8pack", True, ms={1: 1.0, 16: 5.0, 128: 40.0}),
-               trial("dequantize", True, ms={1: 4.0, 16: 6.0, 128: 9.0})]
+    correct = [trial("int8pack", True, ms={1: 1.0, 8: 5.0, 128: 40.0}),
+               trial("dequantize", True, ms={1: 4.0, 8: 6.0, 128: 9.0})]
     problem = Problem("w8a16", "cpu", "bfloat16", 8, 8)
     decision = sel.Decision(problem, sel._winners("w8a16", correct), correct)
-    assert decision.serves == {1: "int8pack", 16: "int8pack", 128: "dequantize"}
-    # the geometric midpoint of 16 and 128 is 45.25
-    assert [decision.name_for(rows) for rows in (1, 4, 45, 46, 1000)] == \
+    assert decision.serves == {1: "int8pack", 8: "int8pack", 128: "dequantize"}
+    # the geometric midpoint of 8 and 128 is 32
+    assert [decision.name_for(rows) for rows in (1, 4, 31, 33, 1000)] == \
         ["int8pack", "int8pack", "int8pack", "dequantize", "dequantize"]
 
 
 def test_a_kernel_that_takes_the_weight_over_serves_every_row_count_or_none():
     """Guards holding a weight twice: a packed kernel at decode beside a plain one at prefill."""
     trial = sel.Trial
-    correct = [trial("onednn-u8", True, ms={1: 1.0, 16: 2.0, 128: 30.0}),
-               trial("int_mm", True, ms={1: 1.5, 16: 2.5, 128: 20.0})]
+    correct = [trial("onednn-u8", True, ms={1: 1.0, 8: 2.0, 128: 30.0}),
+               trial("int_mm", True, ms={1: 1.5, 8: 2.5, 128: 20.0})]
     serves = sel._winners("w8a8", correct)
     assert set(serves.values()) == {"onednn-u8"}  # relative slowness 0 + 0 + log 1.5 < log 1.5 + log 1.25
 
@@ -156,11 +156,11 @@ def test_a_kernel_that_serves_decode_beside_plain_prefill_kernels_beats_one_pack
     """Guards giving up a decode kernel for a packed one that is slower where most steps are: the
     plain kernels (fastest at each row count among them) hold the weight once too."""
     trial = sel.Trial
-    correct = [trial("onednn-u8", True, ms={1: 2.0, 16: 2.0, 128: 20.0}),
-               trial("native-avx2", True, ms={1: 1.0, 16: 3.0, 128: 40.0}),
-               trial("int_mm", True, ms={1: 2.2, 16: 2.2, 128: 22.0})]
+    correct = [trial("onednn-u8", True, ms={1: 2.0, 8: 2.0, 128: 20.0}),
+               trial("native-avx2", True, ms={1: 1.0, 8: 3.0, 128: 40.0}),
+               trial("int_mm", True, ms={1: 2.2, 8: 2.2, 128: 22.0})]
     serves = sel._winners("w8a8", correct)
-    assert serves == {1: "native-avx2", 16: "int_mm", 128: "int_mm"}  # log 1.1 + log 1.1 < log 2
+    assert serves == {1: "native-avx2", 8: "int_mm", 128: "int_mm"}  # log 1.1 + log 1.1 < log 2
 
 
 def test_a_decision_timed_under_load_serves_but_is_not_cached(tmp_path, monkeypatch):

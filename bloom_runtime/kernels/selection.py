@@ -48,7 +48,8 @@ CACHE_ENV = "BLOOM_RUNTIME_KERNEL_CACHE"
 CACHE_DIR_ENV = "BLOOM_RUNTIME_CACHE_DIR"
 ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")  # what dispatch may use: part of the machine
 
-TIMED_ROWS = (1, 16, 128)  # decode, a batch of decodes, prefill; a call takes the nearest (log scale)
+TIMED_ROWS = (1, 8, 128)  # decode, a batch of decodes (serve's default batch), prefill; a call takes
+# the nearest (log scale): 2 rows go with 1, 3 to 31 with 8, 32 and more with 128
 PROBED_ROWS = (1, 17)  # correctness: one row, and an odd count past any vector width
 PROBED_OUTPUTS = 48  # outputs checked against float64 (errors depend on the input width, kept real)
 TIMED_OUTPUTS = 2048  # timing shape's cap on outputs: time grows with them, the choice does not
@@ -258,14 +259,14 @@ def default_cache_dir() -> Path:
 
 
 def machine_fingerprint() -> str:
-    """What a decision depends on: the CPU, the dispatch caps, threads, torch, this runtime's version
-    and its native library's build (an edited kernel is probed again)."""
+    """What a decision depends on: the CPU, the dispatch caps, threads, torch, this runtime's version,
+    its native library's build (an edited kernel is probed again) and the row counts timed."""
     from .. import __version__
     from .native import NATIVE_ENV, build_id
 
     parts = [platform.machine(), _cpu_model_and_flags(), torch.__version__, str(torch.get_num_threads()),
              *(f"{name}={os.environ.get(name, '')}" for name in (*ISA_CAPS, NATIVE_ENV)), __version__,
-             build_id()]
+             build_id(), f"timed rows {TIMED_ROWS}"]
     if torch.cuda.is_available():
         parts += [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
