@@ -79,7 +79,7 @@ def cut_checkpoint(
     parallel.check_divisible(source.config, tp)
     model = skeleton(source.config, source.quant_spec)
     state = source.read(model, None, torch.device("cpu"), rank=0, seed=0)
-    needs = sum(t.numel() * t.element_size() for t in state.values())  # the ranks hold it about once
+    needs = sum(t.nbytes for t in state.values())  # the ranks hold it about once
     with staged_output(output_dir, [source.directory], force, needs) as staging:
         for rank in tqdm(range(tp), desc="cutting", unit="rank"):
             part = parallel.shard_state(model, state, parallel.Shard(rank, tp))

@@ -23,6 +23,14 @@ def wait_for(condition, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+def healthy(url: str) -> bool:
+    """Whether the server at `url` answers /health with 200 (False while it cannot be reached)."""
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 class ServerProcess:
     def __init__(self, *args: str, launcher: list[str] | None = None) -> None:
         self.port = free_port()
@@ -36,11 +44,8 @@ class ServerProcess:
             if self.process.poll() is not None:
                 output = self.process.stdout.read()
                 raise RuntimeError(f"the server exited with {self.process.returncode}: {output}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
+            if healthy(self.url):
+                return
             time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"the server did not answer /health within {START_TIMEOUT_S} s")

@@ -18,7 +18,7 @@ import time
 import httpx
 import openai
 import pytest
-from serve_process import ServerProcess, wait_for
+from serve_process import ServerProcess, healthy, wait_for
 
 import bloom_runtime as br
 
@@ -261,7 +261,7 @@ def test_serve_runs_the_model_on_the_thread_that_loaded_it(engine):
 
     def client() -> None:
         try:
-            wait_for(lambda: _answers(url + "/health"))
+            wait_for(lambda: healthy(url))
             answers.append(httpx.post(url + "/v1/completions", timeout=CLIENT_TIMEOUT_S,
                                       json={"prompt": PROMPTS[0], "max_tokens": 5}).json())
         finally:
@@ -278,13 +278,6 @@ def test_serve_runs_the_model_on_the_thread_that_loaded_it(engine):
     assert answers[0]["choices"][0]["text"] == solo(engine, PROMPTS[0], 5)
     assert steps == {threading.main_thread().ident}
     assert signal.getsignal(signal.SIGTERM) is before  # serve gives the handlers back
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=5).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_under_torchrun_two_ranks_serve_what_one_does(tmp_path, client):

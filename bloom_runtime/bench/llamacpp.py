@@ -94,7 +94,7 @@ def write_gguf(directory: Path, target: Path) -> None:
 
     config = BloomConfig.from_dict(read_json(directory / "config.json"), str(directory / "config.json"))
     state = load(directory, dtype="float32").model.state_dict()
-    needs = sum(t.numel() * 4 for t in state.values())
+    needs = sum(t.nbytes for t in state.values())  # float32
     with staged_output(target, [directory], force=True, needs=needs) as staging:
         writer = gguf.GGUFWriter(str(staging / GGUF), "bloom")
         _header(writer, config)
