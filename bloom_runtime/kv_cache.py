@@ -14,6 +14,8 @@ import copy
 
 import torch
 
+from . import hugepages
+
 
 class KVCache:
     """Per-layer key/value storage for up to `batch` rows of up to `max_len` tokens."""
@@ -29,8 +31,9 @@ class KVCache:
         device: torch.device,
     ) -> None:
         shape = (n_layer, batch, n_head, max_len, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+        # on huge pages (CPU): attention streams them every step, as the matmuls do the weights
+        self.keys = hugepages.empty(shape, dtype, device)
+        self.values = hugepages.empty(shape, dtype, device)
         self.rows = slice(0, batch)
         self.offset = 0  # the buffer column of this view's position 0
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, parallel
+from . import checkpoint, hugepages, parallel
 from .calibration import calibration_ids
 from .config import INFO_ONLY_PRESETS, BloomConfig, preset, read_json
 from .device import resolve
@@ -264,6 +264,7 @@ def load(
         built = build_model(source, torch_dtype, torch_device, spec, shard, seed, calibration)
         if pack:
             built.prepare_kernels(torch_dtype)
+        hugepages.collapse([*built.parameters(), *built.buffers()])
         engine = Engine(built, source.tokenizer(), max_seq_len, shard)
     except Exception as err:  # reported to every rank, then re-raised
         error = err

@@ -153,6 +153,7 @@ def _metadata(opts: PerfOptions, engine, threads: int, limits: dict) -> dict:
         "compare": list(opts.compare), "seed": opts.seed,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": threads, "memory_bandwidth_GBps": limits["bandwidth"] / 1e9,
-                    "matmul_peak_GFLOPs": limits["peak_flops"] / 1e9},
+                    "matmul_peak_GFLOPs": limits["peak_flops"] / 1e9,
+                    "weights_on_huge_pages_GB": limits["huge_page_bytes"] / 1e9},
         "versions": versions,
     }  # fmt: skip

@@ -16,6 +16,7 @@ import time
 import torch
 from torch import nn
 
+from .. import hugepages
 from ..config import BloomConfig
 from ..model import Bloom
 from ..parallel import Shard
@@ -58,13 +59,18 @@ def limits(model: Bloom, device: torch.device, quant: str | None, dtype: torch.d
         "bandwidth": memory_bandwidth(device),
         "peak_flops": matmul_peak(device, torch.int8 if int8 else dtype),
         "weight_bytes": weight_bytes(model),
+        "huge_page_bytes": hugepages.bytes_on_huge_pages(_weights(model)),
     }
 
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes the model holds: every parameter once (the tied head reads the embedding), and the
     kernels' buffers (layouts that replaced a parameter, or sit beside a quantized head's)."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return sum(t.numel() * t.element_size() for t in _weights(model))
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
 
 
 def kv_bytes(model: Bloom, batch: int, length: int) -> int:
