@@ -13,7 +13,7 @@ MADV_COLLAPSE, Linux 6.1+, copies them onto huge pages now); `advise` asks for m
 touched (a KV cache, filled column by column: MADV_HUGEPAGE). Both act on the 2 MiB pages that
 hold a tensor's storage and change no byte of it. Where the system cannot (another
 OS, an older kernel, THP off, no free huge pages) they do nothing and the model runs as before;
-`bytes_on_huge_pages` says what a tensor got.
+`bytes_on_huge_pages` says what they got.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def _span(tensor: torch.Tensor) -> tuple[int, int] | None:
     Rounded outward: a storage that does not start on a 2 MiB boundary (most do not) would
     otherwise lose up to two pages' worth, a third of a 6 MiB weight. The pages at the ends also
     hold the neighbouring allocations' bytes, which stay as they are."""
-    if tensor.device.type != "cpu" or tensor.is_mkldnn:  # oneDNN's packed layouts hide their memory
-        return None
+    if tensor.device.type != "cpu" or tensor.layout != torch.strided:
+        return None  # a layout that hides its memory (oneDNN's packed weights, sparse tensors)
     storage = tensor.untyped_storage()
     if storage.nbytes() < HUGE_PAGE:
         return None
