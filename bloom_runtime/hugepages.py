@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import mmap
 import sys
 from collections.abc import Iterable
 
@@ -87,14 +88,18 @@ def advise(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`torch.empty`, but on CPU starting on a huge-page boundary and advised (`advise`), so every
-    page of it can be a huge page once written: a fresh allocation's end pages cross its mapping's
-    edge, where no huge page fits (half of a 4 MiB KV buffer stayed on 4 KiB pages). Costs at most
-    one huge page of address space, which is never touched."""
+    """`torch.empty`, but on CPU in fresh memory of its own starting on a huge-page boundary and
+    advised (`advise`), so every page of it becomes a huge page as it is first written. Not from
+    torch's allocator: that may hand back memory a freed tensor already touched (a load's
+    temporaries), whose 4 KiB pages advice does not change, and a fresh allocation's end pages
+    cross its mapping's edge, where no huge page fits (half of a 4 MiB KV buffer stayed on 4 KiB
+    pages). Costs one huge page of address space, never touched."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or nbytes < HUGE_PAGE:
+    if device.type != "cpu" or nbytes < HUGE_PAGE or _MADVISE is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    # private: shared anonymous memory is shmem, whose huge pages are a setting of their own
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # which keeps the mapping alive
     skip = -raw.data_ptr() % HUGE_PAGE
     tensor = raw[skip:skip + nbytes].view(dtype).view(shape)
     advise([tensor])
