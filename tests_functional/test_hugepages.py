@@ -2,8 +2,9 @@
 
 A decode step streams every weight, and on 4 KiB pages that stream ran 0.88x as fast (bfloat16
 bloom-560m, AMD EPYC Zen 4): these tests guard that a loaded model's weights land on huge pages
-(all of them, not only the 2 MiB-aligned middles of each storage), that a KV cache gets them as
-it is written, and that moving memory onto them changes no value.
+(every whole page inside each storage, and its end pages too where the neighbouring memory can
+take them, not only the 2 MiB-aligned middles), that a KV cache gets them as it is written, and
+that moving memory onto them changes no value.
 
 They need a Linux kernel with MADV_COLLAPSE (6.1+) and THP not switched off; elsewhere the
 runtime does without, and these tests skip saying so.
