@@ -15,6 +15,7 @@ import copy
 import torch
 
 from . import hugepages
+from .kernels import native
 
 
 class KVCache:
@@ -69,6 +70,22 @@ class KVCache:
         keys[:, :, begin:end].copy_(key)
         values[:, :, begin:end].copy_(value)
         return keys[:, :, self.offset:end], values[:, :, self.offset:end]
+
+    def attends(self, qkv: torch.Tensor) -> bool:
+        """Whether `attend` can take this step's fused projection rows here: the native library runs,
+        on CPU, in bfloat16 or float32 (float16 attention runs in float32, see model.Attention), with
+        heads of whole vectors."""
+        head_dim = self.keys.shape[-1]
+        return (native.widest_variant() is not None and qkv.device.type == "cpu" and head_dim % 16 == 0
+                and qkv.dtype in (torch.bfloat16, torch.float32) and qkv.dtype == self.keys.dtype)
+
+    def attend(self, layer: int, start: int, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """One decode step's attention in one native call: the rows' fused projection `qkv` [B, heads * 3
+        * head_dim] at position `start` gives its key and value to the cache and its query attends over
+        positions 0..start (`bias` [B, heads, 1, start + 1]); returns [B, heads * head_dim]."""
+        return torch.ops.bloom_native.cached_attention.default(
+            qkv.contiguous(), self.keys, self.values, layer, self.rows.start, self.offset,
+            self.offset + start, bias, native.widest_variant())
 
     def move_columns(self, rows: slice, source: int, target: int, count: int) -> None:
         """Move `count` columns of `rows` from `source` to `target` (the ranges may overlap)."""

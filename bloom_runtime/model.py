@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BloomConfig
-from .kernels import Decision, KernelOwner, Problem, native
+from .kernels import Decision, KernelOwner, Problem
 from .kv_cache import KVCache
 from .tensors import FLOAT, IN, OUT, VOCAB, Stored
 
@@ -120,15 +120,12 @@ class Segment:
         return self.input_ids.numel()
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per sequence (a decode step) [B, H, 1, D] over the cached keys and
-    values [B, H, T, D], scores and softmax in float32. On CPU, torch's flash kernel handles a single
-    query poorly (872 us a layer at 1024 cached tokens, bfloat16, batch 1, 16 heads of 64, AMD EPYC
-    Zen 4): the native library's kernel reads each cached key and value once; without it, two
-    matmuls with scores in q's dtype, as Hugging Face's BLOOM computes them."""
-    variant = native.widest_variant()
-    if variant is not None and q.shape[-1] % 16 == 0 and k.stride(-2) == k.shape[-1] == v.stride(-2):
-        return torch.ops.bloom_native.decode_attention(q, k, v, bias, variant)
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+                        ) -> torch.Tensor:
+    """Attention of one query per sequence [B, H, 1, D] over keys and values [B, H, T, D] in torch: two
+    matmuls with scores in q's dtype, as Hugging Face's BLOOM computes them (torch's flash kernel
+    handles a single query poorly on CPU: 872 us a layer at 1024 cached tokens, bfloat16, batch 1,
+    16 heads of 64, AMD EPYC Zen 4). Where the native library runs, `KVCache.attend` serves instead."""
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5).add_(bias)
     return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 
@@ -147,24 +144,31 @@ class Attention(nn.Module):
         qkv = self.query_key_value(x)
         outs, first = [], 0
         for segment, bias in zip(segments, biases):
-            batch, q_len = segment.input_ids.shape
-            # Hugging Face lays the fused projection out per head as [n_head, 3, head_dim]; the
-            # head count is this rank's (all heads on one device).
-            part = qkv[first:first + segment.tokens].view(batch, q_len, -1, 3, self.head_dim)
+            outs.append(self.attend(qkv[first:first + segment.tokens], segment, bias, layer))
             first += segment.tokens
-            q, k, v = (part[..., i, :].transpose(1, 2) for i in range(3))  # [B, H, S, D]
-            if segment.cache is not None:
-                k, v = segment.cache.update(layer, segment.start, k, v)
-            if q_len == 1 and q.device.type == "cpu" and q.dtype != torch.float16:
-                out = decode_attention(q, k, v, bias)
-            elif q.dtype == torch.float16:
-                # float16 q.k overflows on long inputs: score and softmax in float32.
-                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
-                out = out.to(torch.float16)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-            outs.append(out.transpose(1, 2).reshape(segment.tokens, -1))
         return self.dense(outs[0] if len(outs) == 1 else torch.cat(outs))
+
+    def attend(self, qkv: torch.Tensor, segment: Segment, bias: torch.Tensor, layer: int) -> torch.Tensor:
+        """One segment's attention, from its rows of the fused projection [tokens, heads * 3 * head_dim]
+        to [tokens, heads * head_dim]; its keys and values join its cache, if it has one."""
+        batch, q_len = segment.input_ids.shape
+        cache = segment.cache
+        if q_len == 1 and cache is not None and cache.attends(qkv):
+            return cache.attend(layer, segment.start, qkv, bias)
+        # Hugging Face lays the fused projection out per head as [n_head, 3, head_dim]; the head count is
+        # this rank's (all heads on one device).
+        part = qkv.view(batch, q_len, -1, 3, self.head_dim)
+        q, k, v = (part[..., i, :].transpose(1, 2) for i in range(3))  # [B, H, S, D]
+        if cache is not None:
+            k, v = cache.update(layer, segment.start, k, v)
+        if q.dtype == torch.float16:
+            # float16 q.k overflows on long inputs: score and softmax in float32.
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias).to(q.dtype)
+        elif q_len == 1 and q.device.type == "cpu":
+            out = one_query_attention(q, k, v, bias)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return out.transpose(1, 2).reshape(segment.tokens, -1)
 
 
 class MLP(nn.Module):

@@ -168,22 +168,31 @@ def test_w4a8_sums_each_step_exactly(variant, rows, outputs, inputs, group):
 
 @pytest.mark.parametrize("kind", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows,positions,head", [(1, 1, 64), (3, 37, 64), (2, 300, 128), (1, 5, 16)])
-def test_decode_attention_matches_float64(variant, kind, rows, positions, head):
-    """Guards a softmax without its maximum (overflow), masked positions leaking, strides of the
-    cache ignored (keys read from the wrong row or head), and a value row read at a wrong offset."""
+def test_cached_attention_matches_float64_and_writes_the_cache(variant, kind, rows, positions, head):
+    """Guards a softmax without its maximum (overflow), masked positions leaking, q, k or v taken from
+    the wrong third of the fused projection, keys read from the wrong row, head or layer of the cache,
+    a value row read at a wrong offset, and the step's key and value written to the wrong cell (or
+    over a neighbour's)."""
     g = torch.Generator().manual_seed(rows * positions + head)
-    heads = 3
-    cache_k = torch.randn(rows, heads, positions + 9, head, generator=g).to(kind)  # a cache's buffers:
-    cache_v = torch.randn(rows, heads, positions + 9, head, generator=g).to(kind)  # a slice of columns
-    k, v = cache_k[:, :, 4:positions + 4], cache_v[:, :, 4:positions + 4]
-    qkv = (torch.randn(rows, 1, heads, 3, head, generator=g) * 4).to(kind)  # the fused projection's view
-    q = qkv[..., 0, :].transpose(1, 2)
+    layers, heads, row0, first = 3, 3, 1, 4  # the rows sit after another one; positions start at column 4
+    shape = (layers, row0 + rows + 1, heads, first + positions + 5, head)
+    keys, values = (torch.randn(*shape, generator=g).to(kind) for _ in range(2))
+    qkv = (torch.randn(rows, heads, 3, head, generator=g) * 4).to(kind)  # per head [q, k, v]
     bias = (torch.randn(rows, heads, 1, positions, generator=g) * 30).to(kind)  # scores far apart
     bias[0, :, :, : positions // 2] = torch.finfo(kind).min  # padding
-    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
-                                                            attn_mask=bias.double())
-    got = torch.ops.bloom_native.decode_attention(q, k, v, bias, variant)
-    assert got.dtype == kind and error(got, want) < 2 * max(torch.finfo(kind).eps, 1e-6)
+    column = first + positions - 1
+    want_keys, want_values = keys.clone(), values.clone()
+    want_keys[1, row0:row0 + rows, :, column] = qkv[:, :, 1]
+    want_values[1, row0:row0 + rows, :, column] = qkv[:, :, 2]
+    k = want_keys[1, row0:row0 + rows, :, first:column + 1].double()
+    v = want_values[1, row0:row0 + rows, :, first:column + 1].double()
+    want = torch.nn.functional.scaled_dot_product_attention(qkv[:, :, None, 0].double(), k, v,
+                                                            attn_mask=bias.double())  # [B, H, 1, D]
+    got = torch.ops.bloom_native.cached_attention(qkv.reshape(rows, -1), keys, values, 1, row0, first, column,
+                                                  bias, variant)
+    assert got.dtype == kind and got.shape == (rows, heads * head)
+    assert error(got, want.reshape(rows, -1)) < 2 * max(torch.finfo(kind).eps, 1e-6)
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
 
 
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16, torch.float16])

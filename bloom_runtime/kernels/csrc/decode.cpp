@@ -101,8 +101,7 @@ using I4Bf16Rows = void (*)(const uint8_t*, const float*, int64_t, const uint16_
 using I4x8Rows = void (*)(const uint8_t*, const float*, int64_t, const int8_t*, const int32_t*, int64_t, int64_t,
                           int64_t, int64_t, float*, int64_t);
 template <class T>
-using Attend = void (*)(const T*, const T*, const T*, int64_t, int64_t, const float*, int64_t, int64_t, float,
-                        float*, float*);
+using Attend = void (*)(const T*, const T*, const T*, const float*, int64_t, int64_t, float, float*, float*);
 
 enum class I8Act { Int32, Int16, Uint8Plus128 };
 
@@ -477,35 +476,37 @@ at::Tensor dense16(const at::Tensor& x, const at::Tensor& weight, const c10::opt
   return cast_out(sums, x.scalar_type());
 }
 
-// Row r, head h of a [B, H, ...] tensor.
-template <class T>
-const T* head(const at::Tensor& t, int64_t r, int64_t h) {
-  return reinterpret_cast<const T*>(t.data_ptr()) + r * t.stride(0) + h * t.stride(1);
-}
-
-// Attention of one query per row and head, q [B, H, 1, D], over keys and values [B, H, T, D] (any
-// row and head strides; each position's D values contiguous), plus bias [B, H, 1, T] (any float dtype,
-// any row and head strides, positions contiguous), in
-// q's dtype (bfloat16 or float32). softmax(q k^T / sqrt(D) + bias) v, in float32.
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+// One decode step's attention for B rows, each one query: reads q from the fused projection's rows,
+// writes that step's key and value into the cache, and attends over the cache's columns
+// [first, column]: softmax(q k^T / sqrt(D) + bias) v in float32, out in qkv's dtype.
+//   qkv    [B, H * 3 * D]: per head [q, k, v] of D values (BLOOM's fused layout), contiguous rows
+//   keys, values  [L, R, H, C, D]: the cache's buffers; rows row0 .. row0 + B - 1 of layer `layer`
+//   bias   [B, H, 1, T], T = column - first + 1 (any float dtype, any row and head strides, positions
+//          contiguous)
+// -> [B, H * D] (head-major: what the output projection reads). One call replaces the cache write,
+// the slicing of q, k and v and the transposes around attention, which cost more than attention
+// itself for one query.
+at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& keys, const at::Tensor& values,
+                            int64_t layer, int64_t row0, int64_t first, int64_t column, const at::Tensor& bias,
                             int64_t index) {
   const Variant& var = variant(index);
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "bloom_native: decode_attention "
-              "takes q [B, H, 1, D] and k, v [B, H, T, D]");
-  int64_t B = q.size(0), H = q.size(1), D = q.size(3), T = k.size(2);
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == H && k.size(3) == D,
-              "bloom_native: decode_attention: k and v must be [B, H, T, D] like q");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D,
-              "bloom_native: decode_attention needs each position's values contiguous");
+  TORCH_CHECK(keys.dim() == 5 && keys.sizes() == values.sizes() && keys.is_contiguous() && values.is_contiguous(),
+              "bloom_native: cached_attention takes contiguous keys and values [L, R, H, C, D] alike");
+  int64_t L = keys.size(0), R = keys.size(1), H = keys.size(2), C = keys.size(3), D = keys.size(4);
+  int64_t B = qkv.size(0), T = column - first + 1;
+  check_rows(qkv, "qkv", H * 3 * D);
+  TORCH_CHECK(layer >= 0 && layer < L && row0 >= 0 && row0 + B <= R && first >= 0 && first <= column && column < C,
+              "bloom_native: cached_attention: layer ", layer, ", rows ", row0, "+", B, ", columns ", first, "..",
+              column, " outside the cache [", L, ", ", R, ", ", H, ", ", C, ", ", D, "]");
   TORCH_CHECK(D % var.i4_lanes == 0, "bloom_native: head size ", D, " is not whole vectors");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
-              (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat),
-              "bloom_native: decode_attention takes bfloat16 or float32 q, k and v alike");
-  TORCH_CHECK(bias.dim() == 4 && bias.size(3) == T && bias.stride(3) == 1, "bloom_native: decode_attention "
-              "takes bias [B, H, 1, T] with its positions contiguous");
-  at::Tensor b = bias.expand({B, H, 1, T});
-  at::Tensor out = at::empty({B, H, 1, D}, q.options().dtype(at::kFloat));
-  bool bf16 = q.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(qkv.scalar_type() == keys.scalar_type() && keys.scalar_type() == values.scalar_type() &&
+              (qkv.scalar_type() == at::kBFloat16 || qkv.scalar_type() == at::kFloat),
+              "bloom_native: cached_attention takes bfloat16 or float32 qkv, keys and values alike");
+  TORCH_CHECK(bias.dim() == 4 && bias.size(0) == B && bias.size(1) == H && bias.size(3) == T && bias.stride(3) == 1,
+              "bloom_native: cached_attention takes bias [B, H, 1, T] with its positions contiguous");
+  at::Tensor out = at::empty({B, H * D}, qkv.options().dtype(at::kFloat));
+  bool bf16 = qkv.scalar_type() == at::kBFloat16;
+  int64_t size = qkv.element_size();
   float scale = 1.0f / std::sqrt(float(D));
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
     thread_local std::vector<float> scores, bias_row;
@@ -513,19 +514,25 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     float* bp = scratch(bias_row, T);
     for (int64_t i = i0; i < i1; i++) {
       int64_t r = i / H, h = i % H;
+      const char* q = static_cast<const char*>(qkv.data_ptr()) + (r * H * 3 + h * 3) * D * size;
+      int64_t cell = (((layer * R + row0 + r) * H + h) * C) * D;  // [layer, row, head, column 0]
+      char* k = static_cast<char*>(keys.data_ptr()) + cell * size;
+      char* v = static_cast<char*>(values.data_ptr()) + cell * size;
+      memcpy(k + column * D * size, q + D * size, D * size);  // this step's key and value
+      memcpy(v + column * D * size, q + 2 * D * size, D * size);
       const char* row =
-          static_cast<const char*>(b.data_ptr()) + (r * b.stride(0) + h * b.stride(1)) * b.element_size();
-      for (int64_t t = 0; t < T; t++) bp[t] = float_at(b.scalar_type(), row, t);
+          static_cast<const char*>(bias.data_ptr()) + (r * bias.stride(0) + h * bias.stride(1)) * bias.element_size();
+      for (int64_t t = 0; t < T; t++) bp[t] = float_at(bias.scalar_type(), row, t);
       float* op = out.data_ptr<float>() + i * D;
       if (bf16)
-        var.attend_bf16(head<uint16_t>(q, r, h), head<uint16_t>(k, r, h), head<uint16_t>(v, r, h), D, D, bp, T, D,
-                        scale, s, op);
+        var.attend_bf16(reinterpret_cast<const uint16_t*>(q), reinterpret_cast<const uint16_t*>(k) + first * D,
+                        reinterpret_cast<const uint16_t*>(v) + first * D, bp, T, D, scale, s, op);
       else
-        var.attend_f32(head<float>(q, r, h), head<float>(k, r, h), head<float>(v, r, h), D, D, bp, T, D, scale, s,
-                       op);
+        var.attend_f32(reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k) + first * D,
+                       reinterpret_cast<const float*>(v) + first * D, bp, T, D, scale, s, op);
     }
   });
-  return cast_out(out, q.scalar_type());
+  return cast_out(out, qkv.scalar_type());
 }
 
 }  // namespace
@@ -541,7 +548,8 @@ TORCH_LIBRARY(bloom_native, m) {
   m.def("w4a8(Tensor q, Tensor x_scale, Tensor packed, Tensor scale, int group, Tensor? bias, "
         "ScalarType out_dtype, int variant) -> Tensor");
   m.def("dense16(Tensor x, Tensor weight, Tensor? bias, int variant) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias, int variant) -> Tensor");
+  m.def("cached_attention(Tensor qkv, Tensor(a!) keys, Tensor(b!) values, int layer, int row0, int first, "
+        "int column, Tensor bias, int variant) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bloom_native, CPU, m) {
@@ -551,5 +559,5 @@ TORCH_LIBRARY_IMPL(bloom_native, CPU, m) {
   m.impl("w4a16", &w4a16);
   m.impl("w4a8", &w4a8);
   m.impl("dense16", &dense16);
-  m.impl("decode_attention", &decode_attention);
+  m.impl("cached_attention", &cached_attention);
 }

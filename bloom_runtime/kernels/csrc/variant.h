@@ -427,12 +427,12 @@ static inline vf load_float(const T* p) {
 }
 
 template <class T>
-static void attend(const T* q, const T* k, const T* v, int64_t k_row, int64_t v_row, const float* bias,
-                   int64_t positions, int64_t D, float scale, float* scores, float* out) {
+static void attend(const T* q, const T* k, const T* v, const float* bias, int64_t positions, int64_t D,
+                   float scale, float* scores, float* out) {
   float top = -INFINITY;
   for (int64_t t = 0; t < positions; t++) {
     vf acc{};
-    for (int64_t d = 0; d < D; d += F) acc += load_float(q + d) * load_float(k + t * k_row + d);
+    for (int64_t d = 0; d < D; d += F) acc += load_float(q + d) * load_float(k + t * D + d);
     scores[t] = total(acc) * scale + bias[t];
     top = std::max(top, scores[t]);
   }
@@ -443,20 +443,20 @@ static void attend(const T* q, const T* k, const T* v, int64_t k_row, int64_t v_
   for (int64_t t = 0; t < positions; t++) {  // each value row read once, in order
     float p = scores[t] / sum;
     for (int64_t d = 0; d < D; d += F) {
-      vf o = load<vf>(out + d) + p * load_float(v + t * v_row + d);
+      vf o = load<vf>(out + d) + p * load_float(v + t * D + d);
       memcpy(out + d, &o, sizeof o);
     }
   }
 }
 
-static void attend_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t k_row, int64_t v_row,
-                        const float* bias, int64_t positions, int64_t D, float scale, float* scores, float* out) {
-  attend(q, k, v, k_row, v_row, bias, positions, D, scale, scores, out);
+static void attend_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* bias,
+                        int64_t positions, int64_t D, float scale, float* scores, float* out) {
+  attend(q, k, v, bias, positions, D, scale, scores, out);
 }
 
-static void attend_f32(const float* q, const float* k, const float* v, int64_t k_row, int64_t v_row,
-                       const float* bias, int64_t positions, int64_t D, float scale, float* scores, float* out) {
-  attend(q, k, v, k_row, v_row, bias, positions, D, scale, scores, out);
+static void attend_f32(const float* q, const float* k, const float* v, const float* bias, int64_t positions,
+                       int64_t D, float scale, float* scores, float* out) {
+  attend(q, k, v, bias, positions, D, scale, scores, out);
 }
 
 #undef VBYTES  // the next variant sets its own
