@@ -64,7 +64,7 @@ def test_transformers_loads_our_checkpoint_and_agrees(checkpoint, tmp_path, monk
     spec, (max_error, min_top1, max_kl) = SPECS[name]
     out = quantize_checkpoint(checkpoint, tmp_path / name, spec)
     if (max_error, min_top1, max_kl) == DYNAMIC:
-        monkeypatch.setattr(int8, "quantize_per_token", _their_row_scaling)
+        monkeypatch.setattr(int8, "per_token", _their_row_scaling)
     # weight-only kernels in float32, as transformers computes (int8pack and int4pack round the
     # activations to bfloat16: tested against their own math in test_kernels / test_int4)
     monkeypatch.setenv("BLOOM_RUNTIME_KERNELS", "w4a16=dequantize,w8a16=dequantize")

@@ -214,7 +214,31 @@ def test_one_pass_quantization_equals_the_torch_ops_bit_for_bit(act):
     want_scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
     want_q = torch.round(flat / want_scale).clamp(-128, 127).to(torch.int8)
     assert torch.equal(scale, want_scale) and torch.equal(q, want_q)
-    assert torch.equal(quant_int8.quantize_per_token(x)[0], want_q)  # what W8A8 layers call
+    assert torch.equal(quant_int8.quantize_per_token(x)[0], want_q)  # what tensor-parallel W8A8 calls
+
+
+@pytest.mark.parametrize("rows,inputs", [(1, 1037), (5, 256), (17, 1024)])
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
+def test_float_rows_are_quantized_inside_the_call_as_quantize_rows_does(variant, rows, inputs, act):
+    """What W8A8 and W4A8 layers run: float rows and no scale, quantized inside the op. Guards the
+    per-token scale dropped or taken for one number (rows > 1), rows quantized from the wrong buffer,
+    and any difference from quantize_rows, which equals torch's ops bit for bit (above)."""
+    g = torch.Generator().manual_seed(rows + inputs)
+    x = misaligned((torch.randn(rows, inputs, generator=g) * 3).to(act))
+    x[0, :] *= 40  # rows of very different ranges: a shared scale would show
+    q, scale = torch.ops.bloom_native.quantize_rows(x)
+    ops, outputs = torch.ops.bloom_native, 67
+    w = full_range_int8(outputs, inputs, generator=g)
+    w_scale, bias, sums = torch.rand(outputs, generator=g) * 1e-3, torch.randn(outputs, generator=g), w.sum(
+        dim=1, dtype=torch.int32)
+    for out in (torch.float32, torch.bfloat16):
+        want = ops.w8a8(q, scale, w, w_scale, bias, sums, 3, out, variant)
+        assert torch.equal(ops.w8a8(x, None, w, w_scale, bias, sums, 3, out, variant), want)
+    if inputs % 256 == 0:  # whole groups of W4A8's 128 inputs, and whole steps of every variant
+        packed = pack_to_int32(torch.randint(-8, 8, (outputs, inputs), generator=g, dtype=torch.int8), 4)
+        group_scale = torch.rand(outputs, inputs // 128, generator=g) * 0.02
+        want = ops.w4a8(q, scale, packed, group_scale, 128, bias, torch.float32, variant)
+        assert torch.equal(ops.w4a8(x, None, packed, group_scale, 128, bias, torch.float32, variant), want)
 
 
 def test_every_variant_is_a_candidate_the_probe_checks_and_times():

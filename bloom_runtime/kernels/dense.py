@@ -10,6 +10,7 @@ and float32 arithmetic on the 16-bit weight (converted per call: storage stays
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -72,8 +73,9 @@ class Native(NativeKernel):
             return "float16 runs in the avx2 and avx512 variants"  # none, or the same code again
         return super().unsupported(problem)
 
-    def forward(self, owner, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.bloom_native.dense16(x.contiguous(), owner.weight, owner.bias, self.index)
+    def bind(self, owner) -> Callable[..., torch.Tensor]:
+        op, weight, bias, index = torch.ops.bloom_native.dense16.default, owner.weight, owner.bias, self.index
+        return lambda x: op(x.contiguous(), weight, bias, index)
 
 
 @register

@@ -17,13 +17,14 @@ nibbles) and scale by the group's; the float32 form dequantizes both sides per c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-from .int8 import Int8ActivationRole
+from .int8 import Int8ActivationRole, Int8Input
 from .native import NativeKernel, variants_of
 from .selection import Kernel, Problem, Role, activations, register
 
@@ -85,9 +86,10 @@ class Native(NativeKernel):
             return f"groups of a power of two from 32 only, not {group}"
         return super().unsupported(problem)
 
-    def forward(self, owner, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.bloom_native.w4a16(x.contiguous(), owner.weight_packed, owner.weight_scale,
-                                            owner.GROUP, self.index)
+    def bind(self, owner) -> Callable[..., torch.Tensor]:
+        op, index = torch.ops.bloom_native.w4a16.default, self.index
+        tensors = (owner.weight_packed, owner.weight_scale, owner.GROUP)
+        return lambda x: op(x.contiguous(), *tensors, index)
 
 
 @register
@@ -114,9 +116,10 @@ def _int4_owner(problem: Problem, generator: torch.Generator) -> SimpleNamespace
     return SimpleNamespace(int4_values=lambda: q, weight_packed=packed, weight_scale=scale, GROUP=group)
 
 
-class NativeW4A8(NativeKernel):
+class NativeW4A8(NativeKernel, Int8Input):
     """Unsigned nibbles x int8 activations, exact int32 sums a step, the group's scale per step;
-    the token's scale and the bias in the epilogue."""
+    the token's scale and the bias in the epilogue; float rows quantized per token inside the same
+    call."""
 
     @classmethod
     def unsupported(cls, problem: Problem) -> str | None:
@@ -129,12 +132,13 @@ class NativeW4A8(NativeKernel):
     def tolerance(cls, problem: Problem) -> float:
         return 1e-6  # exact sums a step; float32 across steps
 
-    def forward(self, owner, q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        return torch.ops.bloom_native.w4a8(q.contiguous(), x_scale, owner.weight_packed, owner.weight_scale,
-                                           owner.GROUP, owner.bias, out_dtype, self.index)
+    def bind(self, owner) -> Callable[..., torch.Tensor]:
+        op, index = torch.ops.bloom_native.w4a8.default, self.index
+        tensors = (owner.weight_packed, owner.weight_scale, owner.GROUP, owner.bias)
+        return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
 
 
-class Float32W4A8(Kernel):
+class Float32W4A8(Int8Input):
     """Both sides dequantized to float32 per call, a float GEMM: no integer instruction, so some
     candidate is correct on any machine and device."""
 
@@ -162,7 +166,6 @@ class W4A8(Int8ActivationRole):
         return owner
 
     @classmethod
-    def reference(cls, owner, inputs: tuple) -> torch.Tensor:
-        q, x_scale, out_dtype = inputs
+    def exact(cls, owner, q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         y = W4A16.reference(owner, (q,)) * x_scale.double() + owner.bias.double()
         return y.to(out_dtype).double()  # rounding to out_dtype is the contract, not an error

@@ -18,18 +18,39 @@ Float32 sums are the last resort. The probe keeps those that are exact here.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from .native import NativeKernel, variants_of
+from .native import NativeKernel, available, variants_of
 from .selection import Kernel, Problem, Role, activations, register
 
 # torch 2.13's int8pack CPU kernel segfaults on a weight that does not start on a 16-byte boundary
 # (seen at 144 rows of 512 x 128, and at 1 row of 1001 x 128): tensors memory-mapped from a
 # checkpoint may start anywhere
 ALIGNMENT = 16
+
+
+def quantize_per_token(rows: torch.Tensor, reduce_absmax=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 rows of `rows` [M, K] (any float dtype, float32 math) with one scale per row
+    [M, 1] (`reduce_absmax` widens each row's |max| over tensor-parallel ranks). On CPU, the native
+    library does it in one pass over each row where it is built: the same numbers, bit for bit."""
+    if reduce_absmax is None and rows.device.type == "cpu" and available() is None:
+        return torch.ops.bloom_native.quantize_rows(rows)
+    return quantize_per_token_in_torch(rows, reduce_absmax)
+
+
+def quantize_per_token_in_torch(rows: torch.Tensor, reduce_absmax=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_per_token` in torch's ops: the definition the native one-pass form must equal."""
+    flat = rows.float()
+    absmax = flat.abs().amax(dim=1, keepdim=True)  # 6x faster than vector_norm(inf) at 8 rows
+    if reduce_absmax is not None:
+        absmax = reduce_absmax(absmax)
+    scale = absmax.clamp(min=1e-8) / 127.0
+    return torch.round(flat / scale).clamp(-128, 127).to(torch.int8), scale
 
 
 class Int8Pack(Kernel):
@@ -75,9 +96,10 @@ class Dequantize(Kernel):
 class NativeW8A16(NativeKernel):
     """int8 weights widened to float32 in registers, float32 sums, the channel scale once."""
 
-    def forward(self, owner, x: torch.Tensor) -> torch.Tensor:
-        scale = owner.weight_scale.view(-1)
-        return torch.ops.bloom_native.w8a16(x.contiguous(), owner.weight, scale, self.index)
+    def bind(self, owner) -> Callable[..., torch.Tensor]:
+        op, index = torch.ops.bloom_native.w8a16.default, self.index
+        weight, scale = owner.weight, owner.weight_scale.view(-1)
+        return lambda x: op(x.contiguous(), weight, scale, index)
 
 
 @register
@@ -104,7 +126,23 @@ def _int8_owner(problem: Problem, generator: torch.Generator, zero_point: int = 
                            bias=bias.to(problem.device), zero_point=zero_point)
 
 
-class _Int8Gemm(Kernel):
+class Int8Input(Kernel):
+    """A kernel fed int8 activations, `forward(owner, q, x_scale, out_dtype)` (the W8A8 and W4A8
+    roles). Its bound call also takes float rows with x_scale None, meaning per-token scales:
+    it quantizes them first (`quantize_per_token`), where the native kernels do it inside their own
+    call, in one pass over each row."""
+
+    def bind(self, owner) -> Callable[..., torch.Tensor]:
+        forward = functools.partial(self.forward, owner)
+
+        def call(q: torch.Tensor, x_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+            if x_scale is None:
+                q, x_scale = quantize_per_token(q)
+            return forward(q, x_scale, out_dtype)
+        return call
+
+
+class _Int8Gemm(Int8Input):
     """What the W8A8 kernels share: `kernel(owner, q, x_scale, out_dtype)` is
     ((q - zero_point) @ w^T) * weight_scale * x_scale + bias, rounded once to `out_dtype`, for
     int8 q [M, K] and x_scale [M, 1] (per row) or one number (per tensor)."""
@@ -231,16 +269,17 @@ class OneDnnSplit(_OneDnn):
 
 
 class NativeW8A8(NativeKernel, _Int8Gemm):
-    """Exact int32 sums on the plain weight; zero point, scales and bias in one epilogue."""
+    """Exact int32 sums on the plain weight; zero point, scales and bias in one epilogue; float rows
+    quantized per token inside the same call."""
 
     def __init__(self, owner) -> None:
         super().__init__(owner)
         self.register_buffer("weight_sums", owner.weight.sum(dim=1, dtype=torch.int32), persistent=False)
 
-    def forward(self, owner, q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        native = torch.ops.bloom_native
-        return native.w8a8(q.contiguous(), x_scale, owner.weight, self.weight_scale, self.bias,
-                           self.weight_sums, self.zero_point, out_dtype, self.index)
+    def bind(self, owner) -> Callable[..., torch.Tensor]:
+        op, index = torch.ops.bloom_native.w8a8.default, self.index
+        tensors = (owner.weight, self.weight_scale, self.bias, self.weight_sums, self.zero_point)
+        return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
 
 
 class Int8ActivationRole(Role):
@@ -253,6 +292,19 @@ class Int8ActivationRole(Role):
         raise NotImplementedError
 
     @classmethod
+    def exact(cls, owner, q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The exact product of int8 rows `q` with scales `x_scale`, rounded to `out_dtype`, in float64."""
+        raise NotImplementedError
+
+    @classmethod
+    def reference(cls, owner, inputs: tuple) -> torch.Tensor:
+        """Float rows with no scale are quantized per token by torch's ops (the definition), then exact."""
+        q, x_scale, out_dtype = inputs
+        if x_scale is None:
+            q, x_scale = quantize_per_token_in_torch(q)
+        return cls.exact(owner, q, x_scale, out_dtype)
+
+    @classmethod
     def rounding(cls, inputs: tuple) -> float:
         out_dtype = inputs[2]
         return 0.0 if out_dtype == torch.float32 else 2 * torch.finfo(out_dtype).eps
@@ -261,7 +313,9 @@ class Int8ActivationRole(Role):
     def sample(cls, problem: Problem, rows: int, generator: torch.Generator):
         """Full-range int8 activations with runs of the extremes (-128, 127), which saturate 16-bit
         pair sums; per-row and per-tensor scales; float32 output (exact sums must survive to 1e-6)
-        and the model's dtype (the fused epilogue)."""
+        and the model's dtype (the fused epilogue); and float rows with no scale, which the kernel
+        quantizes per token itself (float32 out: a row quantized otherwise than torch's ops do it
+        shows as an error far above 1e-6)."""
         owner = cls.owner(problem, generator)
         q = torch.randint(-128, 128, (rows, problem.inputs), generator=generator, dtype=torch.int8)
         extremes = torch.rand(rows, problem.inputs, generator=generator) < 0.5
@@ -271,8 +325,9 @@ class Int8ActivationRole(Role):
         per_row = (torch.rand(rows, 1, generator=generator) + 0.5).to(device)
         per_tensor = torch.tensor([0.75], device=device)
         q = q.to(device)
+        rows_in_float = activations(problem, rows, generator)
         return owner, [(q, per_row, torch.float32), (q, per_tensor, torch.float32),
-                       (q, per_tensor, problem.torch_dtype)]
+                       (q, per_tensor, problem.torch_dtype), (rows_in_float, None, torch.float32)]
 
 
 @register
@@ -287,8 +342,7 @@ class W8A8(Int8ActivationRole):
         return _int8_owner(problem, generator, cls.ZERO_POINT)
 
     @classmethod
-    def reference(cls, owner, inputs: tuple) -> torch.Tensor:
-        q, x_scale, out_dtype = inputs
+    def exact(cls, owner, q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         acc = (q.double() - owner.zero_point) @ owner.weight.double().t()
         y = acc * owner.weight_scale.double().view(-1) * x_scale.double() + owner.bias.double()
         return y.to(out_dtype).double()  # rounding to out_dtype is the contract, not an error

@@ -150,7 +150,8 @@ def widest_variant() -> int | None:
 
 
 class NativeKernel(Kernel):
-    """A candidate running one variant of the native library (its `variant`); CPU only."""
+    """A candidate running one variant of the native library (its `variant`); CPU only. Each binds the
+    op's overload and the tensors it reads once (`bind`); `forward` goes through that."""
 
     variant: ClassVar[str]
 
@@ -164,6 +165,9 @@ class NativeKernel(Kernel):
         if why is not None:
             raise RuntimeError(f"native-{self.variant}: {why}")
         self.index = variant_index(self.variant)
+
+    def forward(self, owner: Any, *inputs: Any) -> torch.Tensor:
+        return self.bind(owner)(*inputs)
 
 
 def variants_of(base: type[NativeKernel], *names: str) -> tuple[type[NativeKernel], ...]:

@@ -58,10 +58,15 @@ class KernelOwner(nn.Module):
         if self.decision is None:
             self.prepare_kernels(dtype)
         rows = inputs[0].shape[0]
-        forward = self._by_rows.get(rows)
-        if forward is None:  # the bound forward: a kernel has no hooks, so skip Module.__call__'s cost
-            forward = self._by_rows[rows] = self.kernels[self.decision.name_for(rows)].forward
-        return forward(self, *inputs)
+        call = self._by_rows.get(rows)
+        if call is None:  # bound once per row count (a kernel has no hooks: Module.__call__ is skipped)
+            call = self._by_rows[rows] = self.kernels[self.decision.name_for(rows)].bind(self)
+        return call(*inputs)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moving or converting the module's tensors drops the calls bound to the old ones."""
+        self._by_rows = {}
+        return super()._apply(fn, recurse)
 
     def run_rows(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] through `run_kernel` as rows [M, K], back in x's leading shape."""

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..calibration import ActivationStats
-from ..kernels import KernelOwner, Problem, native
+from ..kernels import KernelOwner, Problem
+from ..kernels.int8 import quantize_per_token
 from ..model import Linear, TiedEmbedding
 from ..tensors import IN, INT, OUT, SCALE, VOCAB, Stored
 from .base import QuantizedLinear, Scheme, frozen
@@ -28,18 +29,10 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def quantize_per_token(rows: torch.Tensor, reduce_absmax=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 rows of `rows` [M, K] (any float dtype, float32 math) with one scale per row
-    [M, 1] (`reduce_absmax` widens each row's |max| over tensor-parallel ranks). On CPU, the native
-    library does it in one pass over each row where it is built: the same numbers, bit for bit."""
-    if reduce_absmax is None and rows.device.type == "cpu" and native.available() is None:
-        return torch.ops.bloom_native.quantize_rows(rows)
-    flat = rows.float()
-    absmax = flat.abs().amax(dim=1, keepdim=True)  # 6x faster than vector_norm(inf) at 8 rows
-    if reduce_absmax is not None:
-        absmax = reduce_absmax(absmax)
-    scale = absmax.clamp(min=1e-8) / 127.0
-    return torch.round(flat / scale).clamp(-128, 127).to(torch.int8), scale
+def per_token(rows: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """Per-token int8 activations left to the W8A8 kernel (no scale given: it quantizes `rows` itself,
+    inside its own call where it is native; see kernels.int8.Int8Input)."""
+    return rows, None
 
 
 def int8_problem(role: str, weight: torch.Tensor, dtype: torch.dtype) -> Problem:
@@ -48,8 +41,8 @@ def int8_problem(role: str, weight: torch.Tensor, dtype: torch.dtype) -> Problem
 
 
 def w8a8(owner: KernelOwner, x: torch.Tensor, quantize) -> torch.Tensor:
-    """x [..., K] quantized by `quantize` (rows of x's dtype -> int8, scale, in float32 math), through
-    the owner's "w8a8" kernel, in x's dtype."""
+    """x [..., K] quantized by `quantize` (rows of x's dtype -> int8, scale, in float32 math; or the rows
+    and None, `per_token`), through the owner's "w8a8" kernel, in x's dtype."""
     q, scale = quantize(x.reshape(-1, x.shape[-1]))
     return owner.run_kernel(x.dtype, q, scale, x.dtype).view(*x.shape[:-1], -1)
 
@@ -117,7 +110,9 @@ class Int8Linear(_Int8Weights):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return w8a8(self, x, self._quantize_input)
 
-    def _quantize_input(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _quantize_input(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.reduce_absmax is None:
+            return per_token(flat)
         return quantize_per_token(flat, self.reduce_absmax)
 
     @property
@@ -232,4 +227,4 @@ class Int8DynamicTiedEmbedding(Int8TiedEmbedding):
         return int8_problem("w8a8", self.weight, dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return w8a8(self, x, quantize_per_token)
+        return w8a8(self, x, per_token)

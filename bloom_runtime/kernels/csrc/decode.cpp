@@ -224,17 +224,11 @@ std::vector<std::string> variants() {
 
 bool supported(int64_t index) { return index >= 0 && index < N_VARIANTS && VARIANTS[index].supported(); }
 
-// x [M, K] -> (q int8 [M, K], scale float32 [M, 1]): scale = max(|row|, 1e-8) / 127 and
+// Rows x [M, K] (any float dtype) to int8 q [M, K] with scales [M]: scale = max(|row|, 1e-8) / 127 and
 // q = round-half-even(x / scale) clamped to [-128, 127], in one pass over each row (two reads).
-std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2, "bloom_native: quantize_rows takes [M, K]");
-  at::Tensor xc = x.contiguous();
-  int64_t M = xc.size(0), K = xc.size(1);
-  const float* in = as_float(xc);
-  at::Tensor q = at::empty({M, K}, xc.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({M, 1}, xc.options().dtype(at::kFloat));
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* sp = scale.data_ptr<float>();
+void quantize_into(const at::Tensor& x, int8_t* qp, float* sp) {
+  int64_t M = x.size(0), K = x.size(1);
+  const float* in = as_float(x);
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; m++) {
       const float* row = in + m * K;
@@ -255,23 +249,58 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
       }
     }
   });
+}
+
+// x [M, K] -> (q int8 [M, K], scale float32 [M, 1]), as quantize_into.
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "bloom_native: quantize_rows takes [M, K]");
+  at::Tensor xc = x.contiguous();
+  at::Tensor q = at::empty(xc.sizes(), xc.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({xc.size(0), 1}, xc.options().dtype(at::kFloat));
+  quantize_into(xc, q.data_ptr<int8_t>(), scale.data_ptr<float>());
   return {q, scale};
 }
 
+// The int8 rows a W8A8 or W4A8 op takes and their scales: `q` itself with `x_scale`, or, where
+// x_scale is None, float rows q quantized per token here (quantize_into): one op where two were.
+struct Int8Rows {
+  const int8_t* q;
+  const float* scale;
+  bool per_row;  // one scale a row (else one for all)
+  at::Tensor scale_kept;  // owns the given scales, converted
+};
+
+Int8Rows int8_rows(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale) {
+  int64_t M = q.size(0);
+  if (!x_scale.has_value()) {
+    TORCH_CHECK(at::isFloatingType(q.scalar_type()), "bloom_native: without x_scale, q must be float rows");
+    thread_local std::vector<int8_t> quantized;
+    thread_local std::vector<float> scales;
+    int8_t* qp = scratch(quantized, q.numel());
+    float* sp = scratch(scales, M);
+    quantize_into(q, qp, sp);
+    return {qp, sp, M > 1, at::Tensor()};
+  }
+  TORCH_CHECK(q.scalar_type() == at::kChar, "bloom_native: q must be int8 where x_scale is given");
+  TORCH_CHECK(x_scale->numel() == M || x_scale->numel() == 1, "bloom_native: x_scale is per row or one number");
+  at::Tensor xs = x_scale->to(at::kFloat).contiguous();
+  return {q.data_ptr<int8_t>(), xs.data_ptr<float>(), xs.numel() == M && M > 1, xs};
+}
+
 // ((q - zero_point) @ w^T) * weight_scale * x_scale + bias in out_dtype, the sums exact in int32.
-// x_scale: [M, 1] (per row) or one number; weight_sums [N] int32: each weight row's sum.
-at::Tensor w8a8(const at::Tensor& q, const at::Tensor& x_scale, const at::Tensor& weight,
+// x_scale: [M, 1] (per row), one number, or None (q: float rows, quantized here; see int8_rows);
+// weight_sums [N] int32: each weight row's sum.
+at::Tensor w8a8(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& weight,
                 const at::Tensor& weight_scale, const c10::optional<at::Tensor>& bias, const at::Tensor& weight_sums,
                 int64_t zero_point, at::ScalarType out_dtype, int64_t index) {
   const Variant& v = variant(index);
   int64_t N = weight.size(0), K = weight.size(1), M = q.size(0);
   check_rows(weight, "weight", K);
   check_rows(q, "q", K);
-  TORCH_CHECK(q.scalar_type() == at::kChar && weight.scalar_type() == at::kChar, "bloom_native: w8a8 is int8");
+  TORCH_CHECK(weight.scalar_type() == at::kChar, "bloom_native: w8a8 weights are int8");
   check_vector(weight_scale, "weight_scale", N, at::kFloat);
   check_vector(weight_sums, "weight_sums", N, at::kInt);
-  TORCH_CHECK(x_scale.numel() == M || x_scale.numel() == 1, "bloom_native: x_scale is per row or one number");
-  at::Tensor xs = x_scale.to(at::kFloat).contiguous();
+  Int8Rows rows = int8_rows(q, x_scale);
   at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   if (b.defined()) check_vector(b, "bias", N, at::kFloat);
 
@@ -279,7 +308,7 @@ at::Tensor w8a8(const at::Tensor& q, const at::Tensor& x_scale, const at::Tensor
   thread_local std::vector<int16_t> act16;
   thread_local std::vector<uint8_t> act8;
   thread_local std::vector<int32_t> sums;
-  const int8_t* qp = q.data_ptr<int8_t>();
+  const int8_t* qp = rows.q;
   const void* act;
   int32_t shift = 0;  // what the prepared activations add to q
   if (v.i8_act == I8Act::Int32) {
@@ -301,10 +330,10 @@ at::Tensor w8a8(const at::Tensor& q, const at::Tensor& x_scale, const at::Tensor
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* ws = weight_scale.data_ptr<float>();
   const int32_t* wsum = weight_sums.data_ptr<int32_t>();
-  const float* xsp = xs.data_ptr<float>();
+  const float* xsp = rows.scale;
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   int64_t offset = shift + zero_point;
-  bool per_row = xs.numel() == M && M > 1;
+  bool per_row = rows.per_row;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "bloom_native::w8a8", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     over_outputs(N, K, [&](int64_t n0, int64_t n1) {
@@ -404,33 +433,33 @@ void prepare_i4x8(const int8_t* q, int64_t M, int64_t K, int64_t H, int64_t lane
 
 // (q @ w^T) * x_scale + bias in out_dtype for int8 q [M, K] and int4 weights in compressed-tensors'
 // packed words [N, K / 8] with float32 scales [N, K / group]: each step's products summed exactly in
-// int32, times its group's scale, summed in float32. x_scale: [M, 1] (per row) or one number.
-at::Tensor w4a8(const at::Tensor& q, const at::Tensor& x_scale, const at::Tensor& packed, const at::Tensor& scale,
-                int64_t group, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype, int64_t index) {
+// int32, times its group's scale, summed in float32. x_scale: [M, 1] (per row), one number, or None
+// (q: float rows, quantized here; see int8_rows).
+at::Tensor w4a8(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& packed,
+                const at::Tensor& scale, int64_t group, const c10::optional<at::Tensor>& bias,
+                at::ScalarType out_dtype, int64_t index) {
   const Variant& v = variant(index);
   int64_t N = packed.size(0), K = packed.size(1) * 8, M = q.size(0);
   check_rows(packed, "packed", K / 8);
   check_rows(q, "q", K);
-  TORCH_CHECK(packed.scalar_type() == at::kInt && q.scalar_type() == at::kChar,
-              "bloom_native: w4a8 takes int8 q and int32 packed words");
+  TORCH_CHECK(packed.scalar_type() == at::kInt, "bloom_native: w4a8 takes int32 packed words");
   int64_t step = 2 * v.i4x8_half;
   TORCH_CHECK(group % step == 0 && (group & (group - 1)) == 0 && K % group == 0, "bloom_native: group ", group,
               " must be a power of two, whole steps of ", step, " inputs, dividing ", K);
   check_vector(scale, "scale", N * (K / group), at::kFloat);
-  TORCH_CHECK(x_scale.numel() == M || x_scale.numel() == 1, "bloom_native: x_scale is per row or one number");
   if (bias.has_value()) check_vector(*bias, "bias", N, bias->scalar_type());
-  at::Tensor xs = x_scale.to(at::kFloat).contiguous();
+  Int8Rows rows = int8_rows(q, x_scale);
   thread_local std::vector<int8_t> prepared;
   thread_local std::vector<int32_t> corrections;
   int8_t* xp = scratch(prepared, M * K);
   int32_t* cp = scratch(corrections, M * K / step * (v.i4x8_half / v.i4x8_lane_bytes));
-  prepare_i4x8(q.data_ptr<int8_t>(), M, K, v.i4x8_half, v.i4x8_lane_bytes, xp, cp);
+  prepare_i4x8(rows.q, M, K, v.i4x8_half, v.i4x8_lane_bytes, xp, cp);
   at::Tensor sums = at::empty({M, N}, q.options().dtype(at::kFloat));
   float* sp = sums.data_ptr<float>();
-  const float* xsp = xs.data_ptr<float>();
+  const float* xsp = rows.scale;
   const void* bp = bias.has_value() ? bias->data_ptr() : nullptr;
   at::ScalarType bias_dtype = bias.has_value() ? bias->scalar_type() : at::kFloat;
-  bool per_row = xs.numel() == M && M > 1;
+  bool per_row = rows.per_row;
   auto w = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
   over_outputs(N, K / 2, [&](int64_t n0, int64_t n1) {
     v.i4x8(w, scale.data_ptr<float>(), __builtin_ctzll(group), xp, cp, M, K, n0, n1, sp, N);
@@ -541,11 +570,11 @@ TORCH_LIBRARY(bloom_native, m) {
   m.def("variants() -> str[]", &variants);
   m.def("supported(int variant) -> bool", &supported);
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
-  m.def("w8a8(Tensor q, Tensor x_scale, Tensor weight, Tensor weight_scale, Tensor? bias, Tensor weight_sums, "
+  m.def("w8a8(Tensor q, Tensor? x_scale, Tensor weight, Tensor weight_scale, Tensor? bias, Tensor weight_sums, "
         "int zero_point, ScalarType out_dtype, int variant) -> Tensor");
   m.def("w8a16(Tensor x, Tensor weight, Tensor weight_scale, int variant) -> Tensor");
   m.def("w4a16(Tensor x, Tensor packed, Tensor scale, int group, int variant) -> Tensor");
-  m.def("w4a8(Tensor q, Tensor x_scale, Tensor packed, Tensor scale, int group, Tensor? bias, "
+  m.def("w4a8(Tensor q, Tensor? x_scale, Tensor packed, Tensor scale, int group, Tensor? bias, "
         "ScalarType out_dtype, int variant) -> Tensor");
   m.def("dense16(Tensor x, Tensor weight, Tensor? bias, int variant) -> Tensor");
   m.def("cached_attention(Tensor qkv, Tensor(a!) keys, Tensor(b!) values, int layer, int row0, int first, "
