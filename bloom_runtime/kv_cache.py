@@ -37,6 +37,10 @@ class KVCache:
         self.values = hugepages.empty(shape, dtype, device)
         self.rows = slice(0, batch)
         self.offset = 0  # the buffer column of this view's position 0
+        # whether `attend` runs here: the native library, on CPU, bfloat16 or float32 (float16 attention
+        # runs in float32, see model.Attention), heads of whole vectors
+        self.attends = (native.widest_variant() is not None and device.type == "cpu" and head_dim % 16 == 0
+                        and dtype in (torch.bfloat16, torch.float32))
 
     @property
     def batch(self) -> int:
@@ -70,14 +74,6 @@ class KVCache:
         keys[:, :, begin:end].copy_(key)
         values[:, :, begin:end].copy_(value)
         return keys[:, :, self.offset:end], values[:, :, self.offset:end]
-
-    def attends(self, qkv: torch.Tensor) -> bool:
-        """Whether `attend` can take this step's fused projection rows here: the native library runs,
-        on CPU, in bfloat16 or float32 (float16 attention runs in float32, see model.Attention), with
-        heads of whole vectors."""
-        head_dim = self.keys.shape[-1]
-        return (native.widest_variant() is not None and qkv.device.type == "cpu" and head_dim % 16 == 0
-                and qkv.dtype in (torch.bfloat16, torch.float32) and qkv.dtype == self.keys.dtype)
 
     def attend(self, layer: int, start: int, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """One decode step's attention in one native call: the rows' fused projection `qkv` [B, heads * 3

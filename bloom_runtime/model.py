@@ -153,7 +153,7 @@ class Attention(nn.Module):
         to [tokens, heads * head_dim]; its keys and values join its cache, if it has one."""
         batch, q_len = segment.input_ids.shape
         cache = segment.cache
-        if q_len == 1 and cache is not None and cache.attends(qkv):
+        if q_len == 1 and cache is not None and cache.attends:
             return cache.attend(layer, segment.start, qkv, bias)
         # Hugging Face lays the fused projection out per head as [n_head, 3, head_dim]; the head count is
         # this rank's (all heads on one device).

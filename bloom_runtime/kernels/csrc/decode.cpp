@@ -524,14 +524,16 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& keys, const
   int64_t L = keys.size(0), R = keys.size(1), H = keys.size(2), C = keys.size(3), D = keys.size(4);
   int64_t B = qkv.size(0), T = column - first + 1;
   check_rows(qkv, "qkv", H * 3 * D);
-  TORCH_CHECK(layer >= 0 && layer < L && row0 >= 0 && row0 + B <= R && first >= 0 && first <= column && column < C,
+  TORCH_CHECK(layer >= 0 && layer < L && row0 >= 0 && row0 + B <= R && first >= 0 && first <= column &&
+                  column < C,
               "bloom_native: cached_attention: layer ", layer, ", rows ", row0, "+", B, ", columns ", first, "..",
               column, " outside the cache [", L, ", ", R, ", ", H, ", ", C, ", ", D, "]");
   TORCH_CHECK(D % var.i4_lanes == 0, "bloom_native: head size ", D, " is not whole vectors");
   TORCH_CHECK(qkv.scalar_type() == keys.scalar_type() && keys.scalar_type() == values.scalar_type() &&
               (qkv.scalar_type() == at::kBFloat16 || qkv.scalar_type() == at::kFloat),
               "bloom_native: cached_attention takes bfloat16 or float32 qkv, keys and values alike");
-  TORCH_CHECK(bias.dim() == 4 && bias.size(0) == B && bias.size(1) == H && bias.size(3) == T && bias.stride(3) == 1,
+  TORCH_CHECK(bias.dim() == 4 && bias.size(0) == B && bias.size(1) == H && bias.size(3) == T &&
+                  bias.stride(3) == 1,
               "bloom_native: cached_attention takes bias [B, H, 1, T] with its positions contiguous");
   at::Tensor out = at::empty({B, H * D}, qkv.options().dtype(at::kFloat));
   bool bf16 = qkv.scalar_type() == at::kBFloat16;
@@ -549,8 +551,8 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& keys, const
       char* v = static_cast<char*>(values.data_ptr()) + cell * size;
       memcpy(k + column * D * size, q + D * size, D * size);  // this step's key and value
       memcpy(v + column * D * size, q + 2 * D * size, D * size);
-      const char* row =
-          static_cast<const char*>(bias.data_ptr()) + (r * bias.stride(0) + h * bias.stride(1)) * bias.element_size();
+      const char* row = static_cast<const char*>(bias.data_ptr()) +
+                        (r * bias.stride(0) + h * bias.stride(1)) * bias.element_size();
       for (int64_t t = 0; t < T; t++) bp[t] = float_at(bias.scalar_type(), row, t);
       float* op = out.data_ptr<float>() + i * D;
       if (bf16)
