@@ -156,11 +156,16 @@ const Variant& variant(int64_t index) {
   return v;
 }
 
-// Per-thread buffers that grow and are kept: a decode step allocates no scratch.
+// Per-thread buffers that grow and are kept: a decode step allocates no scratch. Each starts on a cache
+// line, as a tensor's data does, so that no vector load of activation rows with widths of whole lines
+// straddles two lines.
 template <class T>
 T* scratch(std::vector<T>& buffer, int64_t n) {
-  if (int64_t(buffer.size()) < n) buffer.resize(n);
-  return buffer.data();
+  constexpr int64_t LINE = 64;
+  int64_t padded = n + LINE / int64_t(sizeof(T));
+  if (int64_t(buffer.size()) < padded) buffer.resize(padded);
+  uintptr_t at = reinterpret_cast<uintptr_t>(buffer.data());
+  return reinterpret_cast<T*>((at + LINE - 1) & ~uintptr_t(LINE - 1));
 }
 
 void check_rows(const at::Tensor& t, const char* what, int64_t width) {

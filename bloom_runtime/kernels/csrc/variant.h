@@ -7,9 +7,10 @@
 // (scales, bias, output dtype) are decode.cpp's, shared by all variants; only the inner products
 // live here.
 //
-// Weights are read one row at a time, each weight vector loaded and converted once for up to MR
-// activation rows: at one row (decode) a step streams the weights once at the memory's pace; at
-// many rows (prefill) each converted weight serves MR multiply-adds.
+// Each weight vector is loaded and converted once for up to MR activation rows: at one row (decode) the
+// weights are read one row at a time, a single stream at the memory's pace; with a tile of activation
+// rows or more (a batch of decodes, a prefill), in blocks of NR weight rows, each activation vector
+// loaded once for NR of them (see `tile`).
 
 constexpr int F = VBYTES / 4;  // float or int32 lanes of a vector
 constexpr int MR = 4;  // activation rows a weight vector serves once loaded
@@ -77,49 +78,84 @@ static inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-// The tile: MR_ activation rows against one weight row, K inputs. `Op` says what a step of STEP
-// inputs does: `weights(row, k)` loads and converts the row's weights once for all MR_ activation
-// rows, `acts(x)` loads an activation row's, `madd` multiplies the two into an accumulator; `one` is
-// the scalar form for the inputs past the last step. One weight row at a time keeps the weights a
-// single sequential stream, which the hardware prefetchers follow at the memory's pace (four rows
-// interleaved ran at two thirds of it on the EPYC this was written on, prefetch hints or not). Two
-// accumulators a row, taking alternate steps, halve the chain of dependent multiply-adds.
-template <int MR_, class Op>
+// The tile: MR_ activation rows against NR_ weight rows, K inputs. `Op` says what a step of STEP inputs
+// does: `weights(row, k)` loads and converts a row's weights once for all MR_ activation rows, `acts(x)`
+// loads an activation row's once for all NR_ weight rows, `madd` multiplies the two into an
+// accumulator; `one` is the scalar form for the inputs past the last step.
+//
+// At one activation row (decode) a tile takes one weight row (NR_ = 1): the weights stay a single
+// sequential stream, which the hardware prefetchers follow at the memory's pace (four rows
+// interleaved ran at two thirds of it on the EPYC this was written on, prefetch hints or not), and
+// two accumulators, taking alternate steps, halve the chain of dependent multiply-adds. With a tile of
+// activation rows the products, not the memory, set the pace (one weight row against 8 activation
+// rows ran at 2.5x the one-row time there): a tile of Op::NR weight rows then loads each activation
+// vector once for NR_ products. Float sums keep the two alternating accumulators in every tile, so
+// that a row's sums, to the bit, do not depend on the rows batched with it; exact (int32) sums may
+// take their steps in any order, and their MR_ x NR_ accumulators are chains enough.
+template <int MR_, int NR_, class Op>
 static inline void tile(const Op& op, int64_t n, const typename Op::X* x, int64_t K, typename Op::S* out,
                         int64_t ldo) {
-  typename Op::Acc even[MR_], odd[MR_];
-  for (int m = 0; m < MR_; m++) even[m] = odd[m] = typename Op::Acc{};
-  int64_t k = 0;
-  for (; k + 2 * Op::STEP <= K; k += 2 * Op::STEP) {
-    typename Op::WV w0 = op.weights(n, k), w1 = op.weights(n, k + Op::STEP);
+  constexpr int C = NR_ > 1 && Op::EXACT ? 1 : 2;  // chains of accumulators, taking steps in turn
+  typename Op::Acc acc[C][MR_][NR_];
+  for (int c = 0; c < C; c++)
+    for (int m = 0; m < MR_; m++)
+      for (int j = 0; j < NR_; j++) acc[c][m][j] = typename Op::Acc{};
+  auto step = [&](int c, int64_t k) {
+    typename Op::WV w[NR_];
+    for (int j = 0; j < NR_; j++) w[j] = op.weights(n + j, k);
+    // NR_ interleaved streams lose the hardware prefetchers: ask for the next block's lines at this
+    // step's offsets (4-row blocks of 1024 int8 inputs read at half the one-row pace without, about
+    // three quarters with). Past the last block these are addresses no load reads; a prefetch never faults.
+    if constexpr (NR_ > 1)
+      for (int j = 0; j < NR_; j++) __builtin_prefetch(op.at(n + NR_ + j, k), 0, 0);
     for (int m = 0; m < MR_; m++) {
-      even[m] = Op::madd(even[m], w0, op.acts(x + m * K + k));
-      odd[m] = Op::madd(odd[m], w1, op.acts(x + m * K + k + Op::STEP));
+      typename Op::XV a = op.acts(x + m * K + k);
+      for (int j = 0; j < NR_; j++) acc[c][m][j] = Op::madd(acc[c][m][j], w[j], a);
     }
-  }
-  if (k + Op::STEP <= K) {
-    typename Op::WV w0 = op.weights(n, k);
-    for (int m = 0; m < MR_; m++) even[m] = Op::madd(even[m], w0, op.acts(x + m * K + k));
-    k += Op::STEP;
-  }
-  for (int m = 0; m < MR_; m++) {
-    typename Op::S s = total(even[m] + odd[m]);
-    for (int64_t t = k; t < K; t++) s += op.one(n, t, x[m * K + t]);
-    out[m * ldo] = s;
-  }
+  };
+  int64_t k = 0;
+  for (; k + C * Op::STEP <= K; k += C * Op::STEP)
+    for (int c = 0; c < C; c++) step(c, k + c * Op::STEP);
+  for (; k + Op::STEP <= K; k += Op::STEP) step(0, k);
+  for (int m = 0; m < MR_; m++)
+    for (int j = 0; j < NR_; j++) {
+      typename Op::Acc sum = acc[0][m][j];
+      for (int c = 1; c < C; c++) sum = sum + acc[c][m][j];
+      typename Op::S s = total(sum);
+      for (int64_t t = k; t < K; t++) s += op.one(n + j, t, x[m * K + t]);
+      out[m * ldo + n + j] = s;
+    }
 }
 
-// Columns [n0, n1) of out [M, ldo]: each weight row against tiles of MR activation rows, then the
-// rows left over one at a time.
+// The activation rows against weight rows n..n+NR_-1: tiles of MR rows, then one tile of the rest.
+template <int NR_, class Op>
+static inline void over_rows(const Op& op, int64_t n, const typename Op::X* x, int64_t M, int64_t K,
+                             typename Op::S* out, int64_t ldo) {
+  static_assert(MR == 4, "the rest below is 1, 2 or 3 rows");
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) tile<MR, NR_>(op, n, x + m * K, K, out + m * ldo, ldo);
+  const typename Op::X* rest = x + m * K;
+  if (M - m == 3) tile<3, NR_>(op, n, rest, K, out + m * ldo, ldo);
+  if (M - m == 2) tile<2, NR_>(op, n, rest, K, out + m * ldo, ldo);
+  if (M - m == 1) tile<1, NR_>(op, n, rest, K, out + m * ldo, ldo);
+}
+
+// Columns [n0, n1) of out [M, ldo]: one weight row at a time for one activation row, blocks of
+// Op::NR weight rows for more (see `tile`), the rows past the last block one at a time.
 template <class Op>
 static void rows(const Op& op, const typename Op::X* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
                  typename Op::S* out, int64_t ldo) {
-  for (int64_t n = n0; n < n1; n++) {
-    int64_t m = 0;
-    for (; m + MR <= M; m += MR) tile<MR>(op, n, x + m * K, K, out + m * ldo + n, ldo);
-    for (; m < M; m++) tile<1>(op, n, x + m * K, K, out + m * ldo + n, ldo);
-  }
+  int64_t n = n0;
+  if (M >= MR)
+    for (; n + Op::NR <= n1; n += Op::NR) over_rows<Op::NR>(op, n, x, M, K, out, ldo);
+  for (; n < n1; n++) over_rows<1>(op, n, x, M, K, out, ldo);
 }
+
+// Weight rows a tile takes when there are several activation rows, so that its accumulators (MR x NR,
+// twice for float sums), NR weight vectors and an activation vector fit the registers: 32 in AVX-512,
+// 16 in AVX2 and the portable variant.
+constexpr int NR_EXACT = VBYTES == 64 ? 4 : 2;
+constexpr int NR_FLOAT = VBYTES == 64 ? 2 : 1;
 
 // ---- int8 x int8, exact int32 sums ------------------------------------------------------------
 // Activations come prepared (decode.cpp's prepare_i8) as I8_ACT says: int32 (portable), int16
@@ -128,6 +164,8 @@ static void rows(const Op& op, const typename Op::X* x, int64_t M, int64_t K, in
 struct I8 {
   const int8_t* w;
   int64_t K;
+  static constexpr int NR = NR_EXACT;
+  static constexpr bool EXACT = true;
   typedef int32_t S;
   typedef vi Acc;
 #if I8_KIND == I8_VNNI
@@ -168,6 +206,7 @@ struct I8 {
   static Acc madd(Acc acc, WV wv, XV xv) { return acc + wv * xv; }
 #endif
   S one(int64_t n, int64_t k, X x) const { return S(w[n * K + k]) * S(x); }
+  const void* at(int64_t n, int64_t k) const { return w + n * K + k; }
 };
 
 static void i8_rows(const int8_t* w, const void* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
@@ -203,6 +242,8 @@ template <class T, class Conv>
 struct FloatDot {
   const T* w;
   int64_t K;
+  static constexpr int NR = NR_FLOAT;
+  static constexpr bool EXACT = false;
   typedef float S;
   typedef float X;
   typedef vf Acc;
@@ -213,6 +254,7 @@ struct FloatDot {
   static XV acts(const X* x) { return load<vf>(x); }
   static Acc madd(Acc acc, WV wv, XV xv) { return acc + wv * xv; }
   S one(int64_t n, int64_t k, X x) const { return Conv::scalar(w[n * K + k]) * x; }
+  const void* at(int64_t n, int64_t k) const { return w + n * K + k; }
 };
 
 static void bf16_rows(const uint16_t* w, const float* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
@@ -237,6 +279,8 @@ static void i8w_rows(const int8_t* w, const float* x, int64_t M, int64_t K, int6
 struct Bf16Dot {
   const uint16_t* w;
   int64_t K;
+  static constexpr int NR = NR_FLOAT;
+  static constexpr bool EXACT = false;
   typedef float S;
   typedef uint16_t X;
   typedef vf Acc;
@@ -247,6 +291,7 @@ struct Bf16Dot {
   static XV acts(const X* x) { return _mm512_loadu_si512(x); }
   static Acc madd(Acc acc, WV wv, XV xv) { return (Acc)_mm512_dpbf16_ps((__m512)acc, (__m512bh)xv, (__m512bh)wv); }
   S one(int64_t n, int64_t k, X x) const { return bf16_to_float(w[n * K + k]) * bf16_to_float(x); }
+  const void* at(int64_t n, int64_t k) const { return w + n * K + k; }
 };
 
 static void bf16dot_rows(const uint16_t* w, const uint16_t* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
@@ -263,6 +308,8 @@ struct I4 {
   const uint8_t* w;  // [N, K / 2]
   const float* scale;  // [N, K / group]
   int64_t K, log2_group;  // groups are powers of two: the scale's index is a shift, not a division
+  static constexpr int NR = NR_FLOAT;
+  static constexpr bool EXACT = false;
   typedef float S;
   typedef float X;
   typedef vf Acc;
@@ -279,6 +326,7 @@ struct I4 {
   static XV acts(const X* x) { return {load<vf>(x), load<vf>(x + F)}; }
   static Acc madd(Acc acc, const WV& wv, const XV& xv) { return acc + (wv.lo * xv.lo + wv.hi * xv.hi); }
   S one(int64_t, int64_t, X) const { return 0; }  // K is whole steps (a group is whole steps)
+  const void* at(int64_t n, int64_t k) const { return w + (n * K + k) / 2; }
 };
 
 static void i4_rows(const uint8_t* w, const float* scale, int64_t log2_group, const float* x, int64_t M,
@@ -349,6 +397,8 @@ struct I4x8 {
   int64_t K, log2_group;
   const int8_t* x0;  // the prepared activations [M, K] ...
   const int32_t* corr0;  // ... and their corrections [M, K / STEP, F]
+  static constexpr int NR = NR_FLOAT;
+  static constexpr bool EXACT = false;
   typedef float S;
   typedef int8_t X;
   typedef vf Acc;
@@ -405,6 +455,7 @@ struct I4x8 {
     return acc + __builtin_convertvector(dot(dot(xv.corr, wv.lo, xv.lo), wv.hi, xv.hi), vf) * wv.scale;
   }
   S one(int64_t, int64_t, X) const { return 0; }  // K is whole steps
+  const void* at(int64_t n, int64_t k) const { return w + (n * K + k) / 2; }
 };
 
 static void i4x8_rows(const uint8_t* w, const float* scale, int64_t log2_group, const int8_t* x,
