@@ -168,17 +168,22 @@ def test_w4a8_sums_each_step_exactly(variant, rows, outputs, inputs, group):
 
 @pytest.mark.parametrize("kind", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows,positions,head", [(1, 1, 64), (3, 37, 64), (2, 300, 128), (1, 5, 16)])
-def test_cached_attention_matches_float64_and_writes_the_cache(variant, kind, rows, positions, head):
+@pytest.mark.parametrize("spread", [30.0, 0.1])
+def test_cached_attention_matches_float64_and_writes_the_cache(variant, kind, rows, positions, head, spread):
     """Guards a softmax without its maximum (overflow), masked positions leaking, q, k or v taken from
-    the wrong third of the fused projection, keys read from the wrong row, head or layer of the cache,
-    a value row read at a wrong offset, and the step's key and value written to the wrong cell (or
-    over a neighbour's)."""
+    the wrong third of the fused projection, scores summed into the wrong position, keys read from the
+    wrong row, head or layer of the cache, a value row read at a wrong offset, the step's key and value
+    written to the wrong cell (or over a neighbour's), and an inexact exp: with the scores close
+    (`spread` 0.1, q small) every position's weight counts, where far apart (30) one position takes
+    nearly all."""
     g = torch.Generator().manual_seed(rows * positions + head)
     layers, heads, row0, first = 3, 3, 1, 4  # the rows sit after another one; positions start at column 4
     shape = (layers, row0 + rows + 1, heads, first + positions + 5, head)
     keys, values = (torch.randn(*shape, generator=g).to(kind) for _ in range(2))
-    qkv = (torch.randn(rows, heads, 3, head, generator=g) * 4).to(kind)  # per head [q, k, v]
-    bias = (torch.randn(rows, heads, 1, positions, generator=g) * 30).to(kind)  # scores far apart
+    qkv = torch.randn(rows, heads, 3, head, generator=g) * 4  # per head [q, k, v]
+    qkv[:, :, 0] *= min(1.0, spread / 30)
+    qkv = qkv.to(kind)
+    bias = (torch.randn(rows, heads, 1, positions, generator=g) * spread).to(kind)
     bias[0, :, :, : positions // 2] = torch.finfo(kind).min  # padding
     column = first + positions - 1
     want_keys, want_values = keys.clone(), values.clone()

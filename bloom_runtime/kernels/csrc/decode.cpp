@@ -189,30 +189,38 @@ void over_outputs(int64_t N, int64_t row_bytes, const Body& body) {
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { body(t0 * TILE, std::min(N, t1 * TILE)); });
 }
 
-// Activations [M, K] of any float dtype as float32 rows (the buffer of the calling thread, or x's own).
-const float* as_float(const at::Tensor& x) {
-  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
-  thread_local std::vector<float> buffer;
-  int64_t n = x.numel();
-  float* out = scratch(buffer, n);
-  if (x.scalar_type() == at::kBFloat16) {
-    auto in = reinterpret_cast<const uint16_t*>(x.data_ptr());
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) out[i] = portable::bf16_to_float(in[i]);
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kHalf, "bloom_native: activations must be float32, bfloat16 or float16");
-    auto in = x.data_ptr<at::Half>();
-    for (int64_t i = 0; i < n; i++) out[i] = float(in[i]);
-  }
-  return out;
-}
-
 // Element i of float32, bfloat16 or float16 values at p, as float: biases are read in their own dtype,
 // with no converted copy made per call.
 float float_at(at::ScalarType dtype, const void* p, int64_t i) {
   if (dtype == at::kFloat) return static_cast<const float*>(p)[i];
   if (dtype == at::kBFloat16) return portable::bf16_to_float(static_cast<const uint16_t*>(p)[i]);
   return float(static_cast<const at::Half*>(p)[i]);
+}
+
+// n float32, bfloat16 or float16 values at p as float32 at out (the dtype's branch taken once, so the
+// conversion vectorizes).
+void floats(at::ScalarType dtype, const void* p, int64_t n, float* out) {
+  if (dtype == at::kBFloat16) {
+    auto in = static_cast<const uint16_t*>(p);
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) out[i] = portable::bf16_to_float(in[i]);
+  } else if (dtype == at::kHalf) {
+    auto in = static_cast<const at::Half*>(p);
+    for (int64_t i = 0; i < n; i++) out[i] = float(in[i]);
+  } else {
+    memcpy(out, p, n * sizeof(float));
+  }
+}
+
+// Activations [M, K] of any float dtype as float32 rows (the buffer of the calling thread, or x's own).
+const float* as_float(const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "bloom_native: activations must be float32, bfloat16 or float16");
+  thread_local std::vector<float> buffer;
+  float* out = scratch(buffer, x.numel());
+  floats(x.scalar_type(), x.data_ptr(), x.numel(), out);
+  return out;
 }
 
 at::Tensor cast_out(const at::Tensor& sums, at::ScalarType dtype) {
@@ -546,7 +554,7 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& keys, const
   float scale = 1.0f / std::sqrt(float(D));
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
     thread_local std::vector<float> scores, bias_row;
-    float* s = scratch(scores, T);
+    float* s = scratch(scores, T + var.i4_lanes);  // attend pads the scores to whole vectors
     float* bp = scratch(bias_row, T);
     for (int64_t i = i0; i < i1; i++) {
       int64_t r = i / H, h = i % H;
@@ -558,7 +566,7 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& keys, const
       memcpy(v + column * D * size, q + 2 * D * size, D * size);
       const char* row = static_cast<const char*>(bias.data_ptr()) +
                         (r * bias.stride(0) + h * bias.stride(1)) * bias.element_size();
-      for (int64_t t = 0; t < T; t++) bp[t] = float_at(bias.scalar_type(), row, t);
+      floats(bias.scalar_type(), row, T, bp);
       float* op = out.data_ptr<float>() + i * D;
       if (bf16)
         var.attend_bf16(reinterpret_cast<const uint16_t*>(q), reinterpret_cast<const uint16_t*>(k) + first * D,

@@ -466,9 +466,6 @@ static void i4x8_rows(const uint8_t* w, const float* scale, int64_t log2_group, 
 constexpr int I4X8_HALF = I4x8::H;
 constexpr int I4X8_LANE_BYTES = I4x8::H / F;  // bytes of each half that one int32 lane sums
 
-// ---- attention of one query over cached keys and values (a decode step), for one (row, head) ----
-// Scores and softmax in float32, probabilities times values summed in float32. T is the element type
-// of q, k and v (uint16_t: bfloat16; float); D is a whole number of vectors.
 template <class T>
 static inline vf load_float(const T* p) {
   if constexpr (sizeof(T) == 2)
@@ -477,21 +474,78 @@ static inline vf load_float(const T* p) {
     return load<vf>(p);
 }
 
+// Four vectors' lane sums [sum a, sum b, sum c, sum d]: one pass of pairwise adds over all four, where
+// four `total`s would each halve their own vector (at D = 64 a score is 4 multiply-adds: the sums
+// cost more than the products).
+static inline void totals4(vf a, vf b, vf c, vf d, float* out) {
+#if VBYTES == 64
+  __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256((__m512)a), _mm512_extractf32x8_ps((__m512)a, 1));
+  __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256((__m512)b), _mm512_extractf32x8_ps((__m512)b, 1));
+  __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256((__m512)c), _mm512_extractf32x8_ps((__m512)c, 1));
+  __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256((__m512)d), _mm512_extractf32x8_ps((__m512)d, 1));
+#elif VBYTES == 32
+  __m256 a8 = (__m256)a, b8 = (__m256)b, c8 = (__m256)c, d8 = (__m256)d;
+#endif
+#if VBYTES >= 32
+  __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, d8));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+#else
+  out[0] = total(a), out[1] = total(b), out[2] = total(c), out[3] = total(d);
+#endif
+}
+
+// e^x for x <= 0, lane by lane: Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2, a degree-7 polynomial
+// in r, times 2^n through the exponent bits), within about one float32 ulp; below -87 (a masked
+// position) it gives about 1e-38 rather than 0, which no softmax sum can see.
+static inline vf vexp(vf x) {
+  const vf lowest = vf{} - 87.0f;
+  x = x < lowest ? lowest : x;
+  constexpr float MAGIC = 12582912.0f;  // 1.5 x 2^23: adding and taking it away rounds to an integer
+  vf n = (x * 1.44269504088896341f + MAGIC) - MAGIC;
+  vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vf p = vf{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * (vf)bits;
+}
+
+// ---- attention of one query over cached keys and values (a decode step), for one (row, head) ----
+// Scores and softmax in float32, probabilities times values summed in float32. T is the element type
+// of q, k and v (uint16_t: bfloat16; float); D is a whole number of vectors. `scores` holds T rounded
+// up to a whole vector.
 template <class T>
 static void attend(const T* q, const T* k, const T* v, const float* bias, int64_t positions, int64_t D,
                    float scale, float* scores, float* out) {
-  float top = -INFINITY;
-  for (int64_t t = 0; t < positions; t++) {
+  auto dot = [&](int64_t t) {
     vf acc{};
     for (int64_t d = 0; d < D; d += F) acc += load_float(q + d) * load_float(k + t * D + d);
-    scores[t] = total(acc) * scale + bias[t];
-    top = std::max(top, scores[t]);
+    return acc;
+  };
+  int64_t t = 0;
+  for (; t + 4 <= positions; t += 4) {
+    vf a = dot(t), b = dot(t + 1), c = dot(t + 2), d = dot(t + 3);  // in order: the keys stay one stream
+    totals4(a, b, c, d, scores + t);
   }
-  float sum = 0;
-  for (int64_t t = 0; t < positions; t++) sum += scores[t] = std::exp(scores[t] - top);
+  for (; t < positions; t++) scores[t] = total(dot(t));
+  float top = -INFINITY;
+  for (t = 0; t < positions; t++) top = std::max(top, scores[t] = scores[t] * scale + bias[t]);
+  int64_t whole = (positions + F - 1) / F * F;
+  for (t = positions; t < whole; t++) scores[t] = -INFINITY;  // e^-inf: the pad adds nothing that shows
+  vf sums{};
+  for (t = 0; t < whole; t += F) {
+    vf e = vexp(load<vf>(scores + t) - top);
+    memcpy(scores + t, &e, sizeof e);
+    sums += e;
+  }
+  float sum = total(sums);
   const vf zero{};
   for (int64_t d = 0; d < D; d += F) memcpy(out + d, &zero, sizeof zero);
-  for (int64_t t = 0; t < positions; t++) {  // each value row read once, in order
+  for (t = 0; t < positions; t++) {  // each value row read once, in order
     float p = scores[t] / sum;
     for (int64_t d = 0; d < D; d += F) {
       vf o = load<vf>(out + d) + p * load_float(v + t * D + d);
