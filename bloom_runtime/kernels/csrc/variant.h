@@ -518,6 +518,19 @@ static inline vf vexp(vf x) {
 // Scores and softmax in float32, probabilities times values summed in float32. T is the element type
 // of q, k and v (uint16_t: bfloat16; float); D is a whole number of vectors. `scores` holds T rounded
 // up to a whole vector.
+
+// out[0, V F) = the sum over positions t of p[t] x v[t][0, V F) (rows D apart): V output vectors held
+// in registers while the value rows stream by (in memory, each position's add waited on the last's
+// store).
+template <int V, class T>
+static inline void weigh(const float* p, const T* v, int64_t positions, int64_t D, float* out) {
+  vf o[V];
+  for (int i = 0; i < V; i++) o[i] = vf{};
+  for (int64_t t = 0; t < positions; t++)  // each value row read once, in order
+    for (int i = 0; i < V; i++) o[i] += p[t] * load_float(v + t * D + i * F);
+  memcpy(out, o, sizeof o);
+}
+
 template <class T>
 static void attend(const T* q, const T* k, const T* v, const float* bias, int64_t positions, int64_t D,
                    float scale, float* scores, float* out) {
@@ -543,15 +556,14 @@ static void attend(const T* q, const T* k, const T* v, const float* bias, int64_
     sums += e;
   }
   float sum = total(sums);
-  const vf zero{};
-  for (int64_t d = 0; d < D; d += F) memcpy(out + d, &zero, sizeof zero);
-  for (t = 0; t < positions; t++) {  // each value row read once, in order
-    float p = scores[t] / sum;
-    for (int64_t d = 0; d < D; d += F) {
-      vf o = load<vf>(out + d) + p * load_float(v + t * D + d);
-      memcpy(out + d, &o, sizeof o);
-    }
+  for (t = 0; t < whole; t += F) {
+    vf e = load<vf>(scores + t) / sum;
+    memcpy(scores + t, &e, sizeof e);
   }
+  int64_t d = 0;  // the head in chunks of 8 vectors, then 4, then single ones (BLOOM's 64 and 128: one chunk)
+  for (; d + 8 * F <= D; d += 8 * F) weigh<8>(scores, v + d, positions, D, out + d);
+  for (; d + 4 * F <= D; d += 4 * F) weigh<4>(scores, v + d, positions, D, out + d);
+  for (; d < D; d += F) weigh<1>(scores, v + d, positions, D, out + d);
 }
 
 static void attend_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* bias,
