@@ -7,9 +7,9 @@
 // (scales, bias, output dtype) are decode.cpp's, shared by all variants; only the inner products
 // live here.
 //
-// Each weight vector is loaded and converted once for up to MR activation rows: at one row (decode) the
-// weights are read one row at a time, a single stream at the memory's pace; with a tile of activation
-// rows or more (a batch of decodes, a prefill), in blocks of NR weight rows, each activation vector
+// Each weight vector is loaded and converted once for up to MR activation rows: for up to MR rows (one
+// decode, a small batch) the weights are read one row at a time, a single stream at the memory's pace;
+// for more (a batch of 8 decodes, a prefill), in blocks of NR weight rows, each activation vector
 // loaded once for NR of them (see `tile`).
 
 constexpr int F = VBYTES / 4;  // float or int32 lanes of a vector
@@ -83,13 +83,13 @@ static inline float bf16_to_float(uint16_t h) {
 // loads an activation row's once for all NR_ weight rows, `madd` multiplies the two into an
 // accumulator; `one` is the scalar form for the inputs past the last step.
 //
-// At one activation row (decode) a tile takes one weight row (NR_ = 1): the weights stay a single
-// sequential stream, which the hardware prefetchers follow at the memory's pace (four rows
-// interleaved ran at two thirds of it on the EPYC this was written on, prefetch hints or not), and
-// two accumulators, taking alternate steps, halve the chain of dependent multiply-adds. With a tile of
+// For up to MR activation rows (one pass of a tile over each weight row) a tile takes one weight row
+// (NR_ = 1): the weights stay a single sequential stream, which the hardware prefetchers follow at the
+// memory's pace (four rows interleaved ran at two thirds of it on the EPYC this was written on), and
+// two accumulators, taking alternate steps, halve the chain of dependent multiply-adds. With more
 // activation rows the products, not the memory, set the pace (one weight row against 8 activation
 // rows ran at 2.5x the one-row time there): a tile of Op::NR weight rows then loads each activation
-// vector once for NR_ products. Float sums keep the two alternating accumulators in every tile, so
+// vector once for NR_ products (at 4 rows the single stream was still the faster there). Float sums keep the two alternating accumulators in every tile, so
 // that a row's sums, to the bit, do not depend on the rows batched with it; exact (int32) sums may
 // take their steps in any order, and their MR_ x NR_ accumulators are chains enough.
 template <int MR_, int NR_, class Op>
@@ -140,13 +140,13 @@ static inline void over_rows(const Op& op, int64_t n, const typename Op::X* x, i
   if (M - m == 1) tile<1, NR_>(op, n, rest, K, out + m * ldo, ldo);
 }
 
-// Columns [n0, n1) of out [M, ldo]: one weight row at a time for one activation row, blocks of
+// Columns [n0, n1) of out [M, ldo]: one weight row at a time for up to MR activation rows, blocks of
 // Op::NR weight rows for more (see `tile`), the rows past the last block one at a time.
 template <class Op>
 static void rows(const Op& op, const typename Op::X* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
                  typename Op::S* out, int64_t ldo) {
   int64_t n = n0;
-  if (M >= MR)
+  if (M > MR)
     for (; n + Op::NR <= n1; n += Op::NR) over_rows<Op::NR>(op, n, x, M, K, out, ldo);
   for (; n < n1; n++) over_rows<1>(op, n, x, M, K, out, ldo);
 }
