@@ -89,9 +89,10 @@ static inline float bf16_to_float(uint16_t h) {
 // two accumulators, taking alternate steps, halve the chain of dependent multiply-adds. With more
 // activation rows the products, not the memory, set the pace (one weight row against 8 activation
 // rows ran at 2.5x the one-row time there): a tile of Op::NR weight rows then loads each activation
-// vector once for NR_ products (at 4 rows the single stream was still the faster there). Float sums keep the two alternating accumulators in every tile, so
-// that a row's sums, to the bit, do not depend on the rows batched with it; exact (int32) sums may
-// take their steps in any order, and their MR_ x NR_ accumulators are chains enough.
+// vector once for NR_ products (at 4 rows the single stream was still the faster there). Float sums
+// keep the two alternating accumulators in every tile, so that a row's sums, to the bit, do not
+// depend on the rows batched with it; exact (int32) sums may take their steps in any order, and their
+// MR_ x NR_ accumulators are chains enough.
 template <int MR_, int NR_, class Op>
 static inline void tile(const Op& op, int64_t n, const typename Op::X* x, int64_t K, typename Op::S* out,
                         int64_t ldo) {
