@@ -88,7 +88,7 @@ static inline float bf16_to_float(uint16_t h) {
 // memory's pace (four rows interleaved ran at two thirds of it on the EPYC this was written on), and
 // two accumulators, taking alternate steps, halve the chain of dependent multiply-adds. With more
 // activation rows the products, not the memory, set the pace (one weight row against 8 activation
-// rows ran at 2.5x the one-row time there): a tile of Op::NR weight rows then loads each activation
+// rows ran at 2.5x the one-row time there): a tile of NR weight rows then loads each activation
 // vector once for NR_ products (at 4 rows the single stream was still the faster there). Float sums
 // keep the two alternating accumulators in every tile, so that a row's sums, to the bit, do not
 // depend on the rows batched with it; exact (int32) sums may take their steps in any order, and their
@@ -141,22 +141,23 @@ static inline void over_rows(const Op& op, int64_t n, const typename Op::X* x, i
   if (M - m == 1) tile<1, NR_>(op, n, rest, K, out + m * ldo, ldo);
 }
 
-// Columns [n0, n1) of out [M, ldo]: one weight row at a time for up to MR activation rows, blocks of
-// Op::NR weight rows for more (see `tile`), the rows past the last block one at a time.
-template <class Op>
-static void rows(const Op& op, const typename Op::X* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
-                 typename Op::S* out, int64_t ldo) {
-  int64_t n = n0;
-  if (M > MR)
-    for (; n + Op::NR <= n1; n += Op::NR) over_rows<Op::NR>(op, n, x, M, K, out, ldo);
-  for (; n < n1; n++) over_rows<1>(op, n, x, M, K, out, ldo);
-}
-
 // Weight rows a tile takes when there are several activation rows, so that its accumulators (MR x NR,
 // twice for float sums), NR weight vectors and an activation vector fit the registers: 32 in AVX-512,
 // 16 in AVX2 and the portable variant.
 constexpr int NR_EXACT = VBYTES == 64 ? 4 : 2;
 constexpr int NR_FLOAT = VBYTES == 64 ? 2 : 1;
+
+// Columns [n0, n1) of out [M, ldo]: one weight row at a time for up to MR activation rows, blocks of
+// NR weight rows for more (see `tile`), the rows past the last block one at a time.
+template <class Op>
+static void rows(const Op& op, const typename Op::X* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                 typename Op::S* out, int64_t ldo) {
+  constexpr int NR = Op::EXACT ? NR_EXACT : NR_FLOAT;
+  int64_t n = n0;
+  if (M > MR)
+    for (; n + NR <= n1; n += NR) over_rows<NR>(op, n, x, M, K, out, ldo);
+  for (; n < n1; n++) over_rows<1>(op, n, x, M, K, out, ldo);
+}
 
 // ---- int8 x int8, exact int32 sums ------------------------------------------------------------
 // Activations come prepared (decode.cpp's prepare_i8) as I8_ACT says: int32 (portable), int16
@@ -165,7 +166,6 @@ constexpr int NR_FLOAT = VBYTES == 64 ? 2 : 1;
 struct I8 {
   const int8_t* w;
   int64_t K;
-  static constexpr int NR = NR_EXACT;
   static constexpr bool EXACT = true;
   typedef int32_t S;
   typedef vi Acc;
@@ -243,7 +243,6 @@ template <class T, class Conv>
 struct FloatDot {
   const T* w;
   int64_t K;
-  static constexpr int NR = NR_FLOAT;
   static constexpr bool EXACT = false;
   typedef float S;
   typedef float X;
@@ -280,7 +279,6 @@ static void i8w_rows(const int8_t* w, const float* x, int64_t M, int64_t K, int6
 struct Bf16Dot {
   const uint16_t* w;
   int64_t K;
-  static constexpr int NR = NR_FLOAT;
   static constexpr bool EXACT = false;
   typedef float S;
   typedef uint16_t X;
@@ -309,7 +307,6 @@ struct I4 {
   const uint8_t* w;  // [N, K / 2]
   const float* scale;  // [N, K / group]
   int64_t K, log2_group;  // groups are powers of two: the scale's index is a shift, not a division
-  static constexpr int NR = NR_FLOAT;
   static constexpr bool EXACT = false;
   typedef float S;
   typedef float X;
@@ -398,7 +395,6 @@ struct I4x8 {
   int64_t K, log2_group;
   const int8_t* x0;  // the prepared activations [M, K] ...
   const int32_t* corr0;  // ... and their corrections [M, K / STEP, F]
-  static constexpr int NR = NR_FLOAT;
   static constexpr bool EXACT = false;
   typedef float S;
   typedef int8_t X;
