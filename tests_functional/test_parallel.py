@@ -25,7 +25,7 @@ from spawn_ranks import on_every_rank, run_ranks
 
 import bloom_runtime as br
 from bloom_runtime import CheckpointError, DistributedError
-from bloom_runtime.agreement import relative_error, top1_agreement
+from bloom_runtime.agreement import position_errors, relative_error, top1_agreement
 from bloom_runtime.embedded import TINY_DIR
 from bloom_runtime.kernels.selection import FORCE_ENV
 from bloom_runtime.quant import QuantSpec
@@ -142,17 +142,22 @@ def test_tp_w4a16_close_to_tp1(checkpoints, tp):
 
 
 def test_tp_w4a8_greedy_tokens_equal_tp1(checkpoints, tp):
-    """W4A8 sums each step of int4 x int8 exactly, and per-token scales span the whole token (each
-    rank sees a slice of it in the row-parallel layers). What TP=2 changes is the order of float32
-    sums (across groups, and the all-reduce), which can flip an activation's int8 rounding in the
-    next layer: so, as for W8A8, the same greedy tokens, and logits within a few such flips
-    (measured: 2.7e-7 where both sides ran the VNNI kernel, 3.0e-4 under the AVX2 cap). A scale
-    taken over one rank's slice of a token moves every rounding: planted, 9.2e-3."""
+    """W4A8 sums each group of int4 x int8 exactly (every candidate kernel), and per-token scales span
+    the whole token (each rank sees a slice of it in the row-parallel layers). What TP=2 changes is
+    the order of float32 sums (across groups, and the all-reduce), which can flip an activation's
+    int8 rounding in the next layer: that moves the token it lands on by up to ~3e-3 of the logit
+    scale, and the rest agree to float32 order. Measured under the AVX2 cap, on every mix of the
+    kernels the probe may pick for each side: 0 to 2 of the 26 tokens moved, the median token
+    3e-8 to 1e-7. A scale taken over one rank's slice of a token moves every rounding of every
+    token: planted, the median 7.1e-3. So: the same greedy tokens, and the median token within
+    float32 order."""
     path = str(checkpoints["int4-groups-128"])
     single, double = outputs(path, "w4a8"), tp[(path, "w4a8", "float32")]
-    error = relative_error(double["logits"], single["logits"], single["mask"])
-    print(f"w4a8 tp: relative error {error:.2e}")
-    assert torch.equal(double["greedy"], single["greedy"]) and error <= 2e-3, f"relative error {error:.2e}"
+    errors = position_errors(double["logits"], single["logits"], single["mask"])
+    print(f"w4a8 tp: tokens moved past 1e-5 {int((errors > 1e-5).sum())}/{errors.numel()}, "
+          f"median {errors.median():.2e}, max {errors.max():.2e}")
+    assert torch.equal(double["greedy"], single["greedy"])
+    assert errors.median() <= 1e-5, f"median token's relative error {errors.median():.2e}"
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -12,7 +12,7 @@ layout) with no second layout; and dequantizing per call into the activations' d
 W4A8's kernels take per-token int8 activations and their scales as W8A8's do, and the
 owner's optional `bias`: the native variants sum each step's int4 x int8 products exactly
 in int32 (VNNI's u8 x s8 dot on the unsigned nibbles, or maddubs, which cannot saturate on
-nibbles) and scale by the group's; the float32 form dequantizes both sides per call.
+nibbles) and scale by the group's; the float32 form sums each group exactly too, in float GEMMs.
 """
 
 from __future__ import annotations
@@ -139,18 +139,26 @@ class NativeW4A8(NativeKernel, Int8Input):
 
 
 class Float32W4A8(Int8Input):
-    """Both sides dequantized to float32 per call, a float GEMM: no integer instruction, so some
-    candidate is correct on any machine and device."""
+    """A float GEMM per group, no integer instruction, so some candidate is correct on any machine
+    and device. It sums as the native variants do, so that which kernel the probe picks moves no
+    downstream rounding: each group's int4 x int8 products summed exactly (integers below 2^24 are
+    exact in float32), then scaled and summed across groups in float32."""
 
     name = "float32"
+    HELD = 2**24  # group sums held at once (64 MiB of float32): prefill rows go in chunks
 
     @classmethod
     def tolerance(cls, problem: Problem) -> float:
-        return 1e-5  # float32 products of the scaled weights, summed over K
+        return 1e-6  # exact sums a group; float32 across groups
 
     def forward(self, owner, q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        weight = owner.int4_values().float() * owner.weight_scale.repeat_interleave(owner.GROUP, dim=1)
-        y = F.linear(q.float(), weight) * x_scale
+        values, size = owner.int4_values(), owner.GROUP
+        groups = values.shape[1] // size
+        weight = values.float().view(-1, groups, size).permute(1, 2, 0)  # [groups, size, N]
+        scale = owner.weight_scale.t().unsqueeze(1)  # [groups, 1, N]
+        rows = max(1, self.HELD // (groups * values.shape[0]))
+        y = torch.cat([(torch.bmm(part.float().view(-1, groups, size).transpose(0, 1), weight) * scale).sum(0)
+                       for part in q.split(rows)]) * x_scale
         return (y if owner.bias is None else y + owner.bias.float()).to(out_dtype)
 
 
