@@ -105,10 +105,12 @@ static inline void tile(const Op& op, int64_t n, const typename Op::X* x, int64_
     typename Op::WV w[NR_];
     for (int j = 0; j < NR_; j++) w[j] = op.weights(n + j, k);
     // NR_ interleaved streams lose the hardware prefetchers: ask for the next block's lines at this
-    // step's offsets (4-row blocks of 1024 int8 inputs read at half the one-row pace without, about
-    // three quarters with). Past the last block these are addresses no load reads; a prefetch never faults.
+    // step's offsets, into L2 (locality 2: prefetcht1). The non-temporal hint (locality 0) left blocks
+    // at about three quarters of the one-row pace on the EPYC this was written on, where the L2 hint
+    // took W8A8's 8-row head from ~16 to ~12 ms and bfloat16's from ~30 to ~18. Past the last block
+    // these are addresses no load reads; a prefetch never faults.
     if constexpr (NR_ > 1)
-      for (int j = 0; j < NR_; j++) __builtin_prefetch(op.at(n + NR_ + j, k), 0, 0);
+      for (int j = 0; j < NR_; j++) __builtin_prefetch(op.at(n + NR_ + j, k), 0, 2);
     for (int m = 0; m < MR_; m++) {
       typename Op::XV a = op.acts(x + m * K + k);
       for (int j = 0; j < NR_; j++) acc[c][m][j] = Op::madd(acc[c][m][j], w[j], a);
