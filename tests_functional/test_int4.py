@@ -23,6 +23,7 @@ from bloom_runtime.agreement import kl_divergence, relative_error, top1_agreemen
 from bloom_runtime.config import BloomConfig
 from bloom_runtime.kernels import native
 from bloom_runtime.kernels.int4 import W4A8
+from bloom_runtime.kernels.selection import candidate
 from bloom_runtime.loader import skeleton
 from bloom_runtime.parallel import Shard
 from bloom_runtime.quant import LINEARS, QuantSpec
@@ -75,8 +76,9 @@ def test_w4a8_linear_equals_its_integer_math(monkeypatch, kernel, rows):
     weights in float64, plus the bias: guards the padding of a width that is not whole groups
     (zeros that must not move a token's scale), a bias added twice or not at all, and a kernel that
     reads the activations before they are quantized."""
-    if kernel.startswith("native-") and native.unavailable(kernel.removeprefix("native-")):
-        pytest.skip(f"{kernel}: {native.unavailable(kernel.removeprefix('native-'))}")
+    variant = getattr(candidate("w4a8", kernel), "variant", None)
+    if variant is not None and native.unavailable(variant):
+        pytest.skip(f"{kernel}: {native.unavailable(variant)}")
     monkeypatch.setenv("BLOOM_RUNTIME_KERNELS", f"w4a8={kernel}")
     g = torch.Generator().manual_seed(rows)
     outputs, width = 1001, 200  # padded to two groups of 128

@@ -10,6 +10,8 @@ and once under the AVX2 cap (where only the portable and avx2 variants may run).
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import subprocess
 import sys
@@ -40,6 +42,19 @@ def misaligned(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of `t` that starts one element past where an allocation would."""
     flat = torch.empty(t.numel() + 1, dtype=t.dtype)
     out = flat[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def before_an_unreadable_page(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `t` whose last byte ends a page, the next page unreadable: a kernel that
+    reads past the tensor faults here (a vector gather is invisible to the sanitizers)."""
+    size, page = t.numel() * t.element_size(), mmap.PAGESIZE
+    total = -(-size // page) * page + page
+    buffer = mmap.mmap(-1, total, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start + total - page), page, 0) == 0  # PROT_NONE
+    out = torch.frombuffer(buffer, dtype=t.dtype, count=t.numel(), offset=total - page - size).view(t.shape)
     out.copy_(t)
     return out
 
@@ -92,19 +107,25 @@ def test_dense16_matches_float64(variant, rows, outputs, inputs, half):
     assert got.dtype == half and error(got, want) < 2 * torch.finfo(half).eps  # float32 sums, rounded once
 
 
-@pytest.mark.parametrize("kernel", ["dense16", "w8a16"])
+@pytest.mark.parametrize("kernel", ["dense16", "w8a16", "w4a8", "w4a8_outer"])
 def test_a_rows_float_sums_do_not_depend_on_the_rows_batched_with_it(variant, kernel):
     """Guards a tile that sums its outputs in another order than the one-row tile (the two-weight-row
-    tile of the 64-byte variants, or a split of K): then a sequence's logits, and at near-ties its
-    greedy tokens, would change with the batch it runs in. Bit for bit, 17 rows against each alone."""
+    tile of the 64-byte variants, or a split of K; W4A8's groups taken out of order in a tile of 8
+    rows): then a sequence's logits, and at near-ties its greedy tokens, would change with the batch
+    it runs in. Bit for bit, 17 rows against each alone."""
     g = torch.Generator().manual_seed(17)
     w = torch.randn(67, 1037, generator=g) * 0.05
     x = torch.randn(17, 1037, generator=g).to(torch.bfloat16)
     ops = torch.ops.bloom_native
+    int4 = pack_to_int32(torch.randint(-8, 8, (67, 1024), generator=g, dtype=torch.int8), 4)
+    group_scale = torch.rand(67, 1024 // 128, generator=g) * 0.02
 
     def run(rows: torch.Tensor) -> torch.Tensor:
         if kernel == "dense16":
             return ops.dense16(rows, w.to(torch.bfloat16), None, variant).float()
+        if kernel.startswith("w4a8"):
+            return getattr(ops, kernel)(rows[:, :1024].float(), None, int4, group_scale, 128, None,
+                                        torch.float32, variant)
         return ops.w8a16(rows.float(), (w * 1000).to(torch.int8), torch.full((67,), 1e-3), variant)
 
     batched = run(x)
@@ -141,27 +162,30 @@ def test_w4a16_matches_the_dequantized_float64(variant, rows, outputs, inputs, g
     assert got.dtype == act and error(got, want) < 2 * max(torch.finfo(act).eps, 1e-6)
 
 
-@pytest.mark.parametrize("rows,outputs,inputs", INT4_SHAPES)
+@pytest.mark.parametrize("rows,outputs,inputs", [*INT4_SHAPES, (9, 33, 256)])
 @pytest.mark.parametrize("group", [128, 256])
-def test_w4a8_sums_each_step_exactly(variant, rows, outputs, inputs, group):
+@pytest.mark.parametrize("form", ["w4a8", "w4a8_outer"])
+def test_w4a8_sums_each_step_exactly(variant, rows, outputs, inputs, group, form):
     """Guards a swapped nibble order, a lost correction for the unsigned nibbles (-8 x the activations'
-    sum, per lane), a correction read for the wrong step or row, a scale of the wrong group, and
-    pair sums that saturate: the extreme nibbles against runs of -128 and 127 leave float32 scaling
-    as the only error. Per-row and per-tensor scales; the bias and the output dtype in the epilogue."""
+    sum, per lane or per group), a correction read for the wrong step or row, a scale of the wrong
+    group, and pair sums that saturate: the extreme nibbles against runs of -128 and 127 leave float32
+    scaling as the only error. Per-row and per-tensor scales; the bias and the output dtype in the
+    epilogue. The outer-product form also: blocks of 16 columns cut by the last output (a read past
+    the weights faults: they end a page), and a tile of 8 rows plus one (9 rows)."""
     g = torch.Generator().manual_seed(rows + outputs + inputs + group)
     w = torch.randint(-8, 8, (outputs, inputs), generator=g, dtype=torch.int8)
     w[:, ::7] = -8
     w[:, 3::7] = 7
     scale = torch.rand(outputs, inputs // group, generator=g) * 0.02 + 1e-3
-    packed = misaligned(pack_to_int32(w, 4))
+    packed = before_an_unreadable_page(pack_to_int32(w, 4))
     q = misaligned(full_range_int8(rows, inputs, generator=g))
     bias = torch.randn(outputs, generator=g).to(torch.bfloat16)
     exact = q.double() @ (w.double() * scale.double().repeat_interleave(group, dim=1)).t()
-    ops = torch.ops.bloom_native
+    op = getattr(torch.ops.bloom_native, form)
     for x_scale in (torch.rand(rows, 1, generator=g) + 0.5, torch.tensor([0.75])):
-        got = ops.w4a8(q, x_scale, packed, scale, group, bias, torch.float32, variant)
+        got = op(q, x_scale, packed, scale, group, bias, torch.float32, variant)
         assert error(got, exact * x_scale.double() + bias.double()) < 1e-6
-        got16 = ops.w4a8(q, x_scale, packed, scale, group, None, torch.bfloat16, variant)
+        got16 = op(q, x_scale, packed, scale, group, None, torch.bfloat16, variant)
         assert got16.dtype == torch.bfloat16
         assert error(got16, exact * x_scale.double()) < 2 * torch.finfo(torch.bfloat16).eps
 
@@ -242,8 +266,9 @@ def test_float_rows_are_quantized_inside_the_call_as_quantize_rows_does(variant,
     if inputs % 256 == 0:  # whole groups of W4A8's 128 inputs, and whole steps of every variant
         packed = pack_to_int32(torch.randint(-8, 8, (outputs, inputs), generator=g, dtype=torch.int8), 4)
         group_scale = torch.rand(outputs, inputs // 128, generator=g) * 0.02
-        want = ops.w4a8(q, scale, packed, group_scale, 128, bias, torch.float32, variant)
-        assert torch.equal(ops.w4a8(x, None, packed, group_scale, 128, bias, torch.float32, variant), want)
+        for op in (ops.w4a8, ops.w4a8_outer):
+            want = op(q, scale, packed, group_scale, 128, bias, torch.float32, variant)
+            assert torch.equal(op(x, None, packed, group_scale, 128, bias, torch.float32, variant), want)
 
 
 def test_every_variant_is_a_candidate_the_probe_checks_and_times():

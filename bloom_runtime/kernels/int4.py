@@ -12,13 +12,15 @@ layout) with no second layout; and dequantizing per call into the activations' d
 W4A8's kernels take per-token int8 activations and their scales as W8A8's do, and the
 owner's optional `bias`: the native variants sum each step's int4 x int8 products exactly
 in int32 (VNNI's u8 x s8 dot on the unsigned nibbles, or maddubs, which cannot saturate on
-nibbles) and scale by the group's; the float32 form sums each group exactly too, in float GEMMs.
+nibbles) and scale by the group's; their outer-product form (16 output columns a vector, for
+many rows) and the float32 form sum each group exactly, in int32 and in float GEMMs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from types import SimpleNamespace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -132,10 +134,20 @@ class NativeW4A8(NativeKernel, Int8Input):
     def tolerance(cls, problem: Problem) -> float:
         return 1e-6  # exact sums a step; float32 across steps
 
+    op: ClassVar[str] = "w4a8"  # the library's op for this form
+
     def bind(self, owner) -> Callable[..., torch.Tensor]:
-        op, index = torch.ops.bloom_native.w4a8.default, self.index
+        op, index = getattr(torch.ops.bloom_native, self.op).default, self.index
         tensors = (owner.weight_packed, owner.weight_scale, owner.GROUP, owner.bias)
         return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
+
+
+class NativeW4A8Outer(NativeW4A8):
+    """The same sums as outer products: 16 output columns a vector, each activation quad broadcast,
+    each group's sums exact in int32 and scaled once (variant.h's i4x8_outer). Its weights are
+    unpacked once a call, which only many rows repay: the probe finds where."""
+
+    op = "w4a8_outer"
 
 
 class Float32W4A8(Int8Input):
@@ -165,7 +177,8 @@ class Float32W4A8(Int8Input):
 @register
 class W4A8(Int8ActivationRole):
     name = "w4a8"
-    candidates = (*variants_of(NativeW4A8, "portable", "avx2", "avx512", "avx512-vnni"), Float32W4A8)
+    candidates = (*variants_of(NativeW4A8, "portable", "avx2", "avx512", "avx512-vnni"),
+                  *variants_of(NativeW4A8Outer, "avx2", "avx512", "avx512-vnni", form="outer"), Float32W4A8)
 
     @classmethod
     def owner(cls, problem: Problem, generator: torch.Generator) -> SimpleNamespace:

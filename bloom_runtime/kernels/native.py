@@ -170,7 +170,9 @@ class NativeKernel(Kernel):
         return self.bind(owner)(*inputs)
 
 
-def variants_of(base: type[NativeKernel], *names: str) -> tuple[type[NativeKernel], ...]:
-    """One candidate class per variant of `base`, named "native-<variant>"."""
-    return tuple(type(f"{base.__name__}[{name}]", (base,), {"name": f"native-{name}", "variant": name})
+def variants_of(base: type[NativeKernel], *names: str, form: str = "") -> tuple[type[NativeKernel], ...]:
+    """One candidate class per variant of `base`, named "native-<variant>" ("native-<form>-<variant>"
+    for a second form of a role's native kernel)."""
+    prefix = f"native-{form}-" if form else "native-"
+    return tuple(type(f"{base.__name__}[{name}]", (base,), {"name": prefix + name, "variant": name})
                  for name in names)

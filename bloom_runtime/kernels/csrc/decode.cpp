@@ -100,6 +100,7 @@ using I4Bf16Rows = void (*)(const uint8_t*, const float*, int64_t, const uint16_
                             int64_t, float*, int64_t);
 using I4x8Rows = void (*)(const uint8_t*, const float*, int64_t, const int8_t*, const int32_t*, int64_t, int64_t,
                           int64_t, int64_t, float*, int64_t);
+using I4x8Outer = I4x8Rows;  // the same arguments: q itself and each group's sums, not the prepared rows
 template <class T>
 using Attend = void (*)(const T*, const T*, const T*, const float*, int64_t, int64_t, float, float*, float*);
 
@@ -119,6 +120,7 @@ struct Variant {
   I4Bf16Rows i4bf16;  // nullptr: likewise (int4 x bfloat16 activations then take the float path)
   I4x8Rows i4x8;
   int i4x8_half, i4x8_lane_bytes;  // a W4A8 step's packed bytes, and the bytes of a half one lane sums
+  I4x8Outer i4x8_outer;
   Attend<uint16_t> attend_bf16;
   Attend<float> attend_f32;
 };
@@ -127,7 +129,7 @@ struct Variant {
 // namespace's kernels (f16, bf16dot and i4bf16 where it has them, else nullptr).
 #define VARIANT(ns, name, check, i8_act, f16, bf16dot, i4bf16)                                               \
   {name, check, i8_act, ns::F, ns::i8_rows, ns::bf16_rows, f16, ns::i8w_rows, ns::i4_rows, bf16dot, i4bf16, \
-   ns::i4x8_rows, ns::I4X8_HALF, ns::I4X8_LANE_BYTES, ns::attend_bf16, ns::attend_f32}
+   ns::i4x8_rows, ns::I4X8_HALF, ns::I4X8_LANE_BYTES, ns::i4x8_outer, ns::attend_bf16, ns::attend_f32}
 
 const Variant VARIANTS[] = {
     VARIANT(portable, "portable", [] { return true; }, I8Act::Int32, nullptr, nullptr, nullptr),
@@ -179,11 +181,13 @@ void check_vector(const at::Tensor& t, const char* what, int64_t n, at::ScalarTy
               "bloom_native: ", what, " must be ", n, " contiguous ", c10::toString(dtype), " values");
 }
 
-// Splits output columns [0, N) into blocks of four rows of the weight for torch's threads, at least
-// MIN_BYTES of weights a task, and runs `body(n0, n1)` on each part.
+// Splits output columns [0, N) into blocks of `tile` rows of the weight (four: a row tile's; W4A8's
+// outer products take 16) for torch's threads, at least MIN_BYTES of weights a task, and runs
+// `body(n0, n1)` on each part.
 template <class Body>
-void over_outputs(int64_t N, int64_t row_bytes, const Body& body) {
-  constexpr int64_t TILE = 4, MIN_BYTES = 64 * 1024;
+void over_outputs(int64_t N, int64_t row_bytes, const Body& body, int64_t tile = 4) {
+  constexpr int64_t MIN_BYTES = 64 * 1024;
+  const int64_t TILE = tile;
   int64_t tiles = (N + TILE - 1) / TILE;
   int64_t grain = std::max<int64_t>(1, MIN_BYTES / std::max<int64_t>(1, TILE * row_bytes));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { body(t0 * TILE, std::min(N, t1 * TILE)); });
@@ -460,10 +464,11 @@ void prepare_i4x8(const int8_t* q, int64_t M, int64_t K, int64_t H, int64_t lane
 // (q @ w^T) * x_scale + bias in out_dtype for int8 q [M, K] and int4 weights in compressed-tensors'
 // packed words [N, K / 8] with float32 scales [N, K / group]: each step's products summed exactly in
 // int32, times its group's scale, summed in float32. x_scale: [M, 1] (per row), one number, or None
-// (q: float rows, quantized here; see int8_rows).
-at::Tensor w4a8(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& packed,
-                const at::Tensor& scale, int64_t group, const c10::optional<at::Tensor>& bias,
-                at::ScalarType out_dtype, int64_t index) {
+// (q: float rows, quantized here; see int8_rows). `outer`: as outer products (variant.h's i4x8_outer,
+// each group summed exactly), else by the row tiles (each step summed exactly).
+at::Tensor w4a8_form(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& packed,
+                     const at::Tensor& scale, int64_t group, const c10::optional<at::Tensor>& bias,
+                     at::ScalarType out_dtype, int64_t index, bool outer) {
   const Variant& v = variant(index);
   int64_t N = packed.size(0), K = packed.size(1) * 8, M = q.size(0);
   check_rows(packed, "packed", K / 8);
@@ -477,17 +482,42 @@ at::Tensor w4a8(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, c
   Int8Rows rows = int8_rows(q, x_scale);
   thread_local std::vector<int8_t> prepared;
   thread_local std::vector<int32_t> corrections;
-  int8_t* xp = scratch(prepared, M * K);
-  int32_t* cp = scratch(corrections, M * K / step * (v.i4x8_half / v.i4x8_lane_bytes));
-  prepare_i4x8(rows.q, M, K, v.i4x8_half, v.i4x8_lane_bytes, xp, cp);
+  const int8_t* xp = rows.q;
+  int32_t* cp;
+  if (outer) {  // each group's sum of each row
+    cp = scratch(corrections, M * (K / group));
+    for (int64_t i = 0; i < M * (K / group); i++) {
+      int32_t sum = 0;
+      for (int64_t k = i * group; k < (i + 1) * group; k++) sum += xp[k];
+      cp[i] = sum;
+    }
+  } else {
+    int8_t* permuted = scratch(prepared, M * K);
+    cp = scratch(corrections, M * K / step * (v.i4x8_half / v.i4x8_lane_bytes));
+    prepare_i4x8(rows.q, M, K, v.i4x8_half, v.i4x8_lane_bytes, permuted, cp);
+    xp = permuted;
+  }
   at::Tensor sums = at::empty({M, N}, q.options().dtype(at::kFloat));
   float* sp = sums.data_ptr<float>();
   auto w = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
+  I4x8Rows kernel = outer ? v.i4x8_outer : v.i4x8;
   over_outputs(N, K / 2, [&](int64_t n0, int64_t n1) {
-    v.i4x8(w, scale.data_ptr<float>(), __builtin_ctzll(group), xp, cp, M, K, n0, n1, sp, N);
+    kernel(w, scale.data_ptr<float>(), __builtin_ctzll(group), xp, cp, M, K, n0, n1, sp, N);
     for (int64_t m = 0; m < M; m++) scale_and_bias(sp + m * N, n0, n1, rows.scale[rows.per_row ? m : 0], bp);
-  });
+  }, outer ? 16 : 4);
   return cast_out(sums, out_dtype);
+}
+
+at::Tensor w4a8(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& packed,
+                const at::Tensor& scale, int64_t group, const c10::optional<at::Tensor>& bias,
+                at::ScalarType out_dtype, int64_t index) {
+  return w4a8_form(q, x_scale, packed, scale, group, bias, out_dtype, index, false);
+}
+
+at::Tensor w4a8_outer(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& packed,
+                      const at::Tensor& scale, int64_t group, const c10::optional<at::Tensor>& bias,
+                      at::ScalarType out_dtype, int64_t index) {
+  return w4a8_form(q, x_scale, packed, scale, group, bias, out_dtype, index, true);
 }
 
 // x [M, K] @ weight^T + bias for bfloat16 or float16 x and weight, in their dtype.
@@ -591,6 +621,8 @@ TORCH_LIBRARY(bloom_native, m) {
   m.def("w4a16(Tensor x, Tensor packed, Tensor scale, int group, int variant) -> Tensor");
   m.def("w4a8(Tensor q, Tensor? x_scale, Tensor packed, Tensor scale, int group, Tensor? bias, "
         "ScalarType out_dtype, int variant) -> Tensor");
+  m.def("w4a8_outer(Tensor q, Tensor? x_scale, Tensor packed, Tensor scale, int group, Tensor? bias, "
+        "ScalarType out_dtype, int variant) -> Tensor");
   m.def("dense16(Tensor x, Tensor weight, Tensor? bias, int variant) -> Tensor");
   m.def("cached_attention(Tensor qkv, Tensor(a!) keys, Tensor(b!) values, int layer, int row0, int first, "
         "int column, Tensor bias, int variant) -> Tensor");
@@ -602,6 +634,7 @@ TORCH_LIBRARY_IMPL(bloom_native, CPU, m) {
   m.impl("w8a16", &w8a16);
   m.impl("w4a16", &w4a16);
   m.impl("w4a8", &w4a8);
+  m.impl("w4a8_outer", &w4a8_outer);
   m.impl("dense16", &dense16);
   m.impl("cached_attention", &cached_attention);
 }
