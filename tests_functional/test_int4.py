@@ -27,7 +27,14 @@ from bloom_runtime.kernels.selection import candidate
 from bloom_runtime.loader import skeleton
 from bloom_runtime.parallel import Shard
 from bloom_runtime.quant import LINEARS, QuantSpec
-from bloom_runtime.quant.int4 import BITS, Int4Int8Linear, Int4WeightOnlyLinear, quantize_int4, with_group
+from bloom_runtime.quant.int4 import (
+    BITS,
+    Int4Int8Linear,
+    Int4WeightOnlyLinear,
+    Int4Weights,
+    quantize_int4,
+    with_group,
+)
 from bloom_runtime.weights import quantize_checkpoint
 
 SCHEMES = [name for name in LINEARS if name.startswith("w4a")]
@@ -100,7 +107,8 @@ def test_w4a8_weights_are_w4a16s():
     0.056: int4 rounds the migrated range coarsely), so its weights are W4A16's, bit for bit."""
     assert QuantSpec.from_name("w4a8").alpha is None
     w4a8, w4a16 = (br.load("tiny", quant=name).model.h[0].mlp.dense_h_to_4h for name in ("w4a8", "w4a16"))
-    assert type(w4a8) is Int4Int8Linear and torch.equal(w4a8.weight_packed, w4a16.weight_packed)
+    packed = [module.state_dict()["weight_packed"] for module in (w4a8, w4a16)]  # a kernel may hold them
+    assert type(w4a8) is Int4Int8Linear and torch.equal(*packed)
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +167,24 @@ def test_tp_cuts_row_parallel_int4_layers_on_group_boundaries(hidden, ok):
     else:
         with pytest.raises(DistributedError, match="whole int4 groups of 128"):
             build()
+
+
+@pytest.mark.parametrize("variant", ["avx2", "avx512", "avx512-vnni"])
+def test_w4a8_blocks_hold_the_int4_weights_once_and_give_them_back(monkeypatch, variant):
+    """The outer-product kernel lays the int4 weights out in blocks at load, in place of the packed
+    words. Guards the blocks kept beside the words (twice the int4 bytes), a `state_dict` that loses
+    or scrambles them (the blocks' inverse), and an int4 head whose lookups read the wrong row of a
+    block (ids at block edges: 15, 16, the last)."""
+    kernel = f"native-tiled-{variant}"
+    if native.unavailable(variant):
+        pytest.skip(f"{kernel}: {native.unavailable(variant)}")
+    monkeypatch.setenv("BLOOM_RUNTIME_KERNELS", f"w4a8={kernel}")
+    tiled = br.load("tiny", dtype="bfloat16", quant="w4a8")
+    plain = br.load("tiny", dtype="bfloat16", quant="w4a8", pack=False)
+    int4 = [m for m in tiled.model.modules() if isinstance(m, Int4Weights)]
+    assert int4 and all(set(m.kernels) == {kernel} and "weight_packed" not in m._parameters for m in int4)
+    a, b = tiled.model.state_dict(), plain.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in b)
+    vocab = tiled.config.vocab_size
+    ids = torch.tensor([[0, 15, 16, 17], [vocab - 1, vocab - 16, 3, 250]])
+    assert torch.equal(tiled.model.word_embeddings(ids), plain.model.word_embeddings(ids))

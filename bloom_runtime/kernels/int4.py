@@ -12,8 +12,9 @@ layout) with no second layout; and dequantizing per call into the activations' d
 W4A8's kernels take per-token int8 activations and their scales as W8A8's do, and the
 owner's optional `bias`: the native variants sum each step's int4 x int8 products exactly
 in int32 (VNNI's u8 x s8 dot on the unsigned nibbles, or maddubs, which cannot saturate on
-nibbles) and scale by the group's; their outer-product form (16 output columns a vector, for
-many rows) and the float32 form sum each group exactly, in int32 and in float GEMMs.
+nibbles) and scale by the group's; their outer-product form (16 output columns a vector, on
+weights laid out in blocks at load in place of the packed words) and the float32 form sum each
+group exactly, in int32 and in float GEMMs.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .selection import Kernel, Problem, Role, activations, register
 
 INT4PACK_GROUPS = (32, 64, 128, 256)
 W4A8_MIN_GROUP = 128  # whole steps of every native variant (the widest takes 128 inputs)
+BLOCK = 16  # output columns of an outer-product block (variant.h's NB)
 BITS = 4
 
 
@@ -136,18 +138,62 @@ class NativeW4A8(NativeKernel, Int8Input):
 
     op: ClassVar[str] = "w4a8"  # the library's op for this form
 
+    def weights(self, owner) -> torch.Tensor:
+        """The int4 weights the op reads: the owner's packed words."""
+        return owner.weight_packed
+
     def bind(self, owner) -> Callable[..., torch.Tensor]:
         op, index = getattr(torch.ops.bloom_native, self.op).default, self.index
-        tensors = (owner.weight_packed, owner.weight_scale, owner.GROUP, owner.bias)
+        tensors = (self.weights(owner), owner.weight_scale, owner.GROUP, owner.bias)
         return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
 
 
-class NativeW4A8Outer(NativeW4A8):
+class NativeW4A8Tiled(NativeW4A8):
     """The same sums as outer products: 16 output columns a vector, each activation quad broadcast,
-    each group's sums exact in int32 and scaled once (variant.h's i4x8_outer). Its weights are
-    unpacked once a call, which only many rows repay: the probe finds where."""
+    each group's sums exact in int32 and scaled once (variant.h's block_tile), on weights laid out in
+    blocks at load (`int4_blocks`). The blocks replace the module's packed words (held once);
+    `state_dict`, and an int4 head's lookups, read the values back from them."""
 
-    op = "w4a8_outer"
+    op = "w4a8_tiled"
+    drops = ("weight_packed",)
+
+    def __init__(self, owner) -> None:
+        super().__init__(owner)
+        values = owner.int4_values()
+        self.outputs = values.shape[0]
+        self.register_buffer("blocks", int4_blocks(values), persistent=False)
+
+    def weights(self, owner) -> torch.Tensor:
+        return self.blocks
+
+    def values(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The int4 values (int8 in [-8, 7]) of every output row, or of rows `ids`."""
+        return block_values(self.blocks, self.outputs, ids)
+
+    def restore(self, name: str) -> torch.Tensor:
+        return pack_to_int32(self.values(), BITS)
+
+
+def int4_blocks(values: torch.Tensor) -> torch.Tensor:
+    """int4 values [N, K] (int8 in [-8, 7]) as the outer products' blocks [ceil(N / 16), K / 8, 64]
+    uint8: block b, line p, byte 4c + i holds row 16b + c's inputs 8p + i (low nibble) and 8p + 4 + i
+    (high), each q + 8 (rows past N are zeros, never read back)."""
+    n, k = values.shape
+    nibbles = F.pad((values.to(torch.int16) + 8).to(torch.uint8), (0, 0, 0, -n % BLOCK))
+    quads = nibbles.view(-1, BLOCK, k // 8, 2, 4)  # [block, c, p, which quad of the line, i]
+    lines = quads[:, :, :, 0] | (quads[:, :, :, 1] << 4)
+    return lines.permute(0, 2, 1, 3).reshape(-1, k // 8, 4 * BLOCK).contiguous()
+
+
+def block_values(blocks: torch.Tensor, outputs: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """`int4_blocks`'s inverse: the values [outputs, K] (int8), or those of rows `ids` [len(ids), K]."""
+    lines = blocks.view(blocks.shape[0], blocks.shape[1], BLOCK, 4)  # [block, p, c, i]
+    if ids is None:
+        rows = lines.permute(0, 2, 1, 3).reshape(-1, blocks.shape[1], 4)[:outputs]
+    else:
+        rows = lines[ids // BLOCK, :, ids % BLOCK]  # [len(ids), p, i]
+    nibbles = torch.stack([rows & 15, rows >> 4], dim=-2)  # [row, p, which quad, i]
+    return nibbles.reshape(rows.shape[0], -1).to(torch.int8) - 8
 
 
 class Float32W4A8(Int8Input):
@@ -178,7 +224,7 @@ class Float32W4A8(Int8Input):
 class W4A8(Int8ActivationRole):
     name = "w4a8"
     candidates = (*variants_of(NativeW4A8, "portable", "avx2", "avx512", "avx512-vnni"),
-                  *variants_of(NativeW4A8Outer, "avx2", "avx512", "avx512-vnni", form="outer"), Float32W4A8)
+                  *variants_of(NativeW4A8Tiled, "avx2", "avx512", "avx512-vnni", form="tiled"), Float32W4A8)
 
     @classmethod
     def owner(cls, problem: Problem, generator: torch.Generator) -> SimpleNamespace:

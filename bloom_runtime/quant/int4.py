@@ -74,14 +74,18 @@ class Int4Weights(Scheme):
     weight_packed: nn.Parameter
     weight_scale: nn.Parameter
 
-    def int4_values(self) -> torch.Tensor:
-        """q int8 [N, K'] in [-8, 7], K' the padded width (what the kernels are built from)."""
-        return unpack(self.weight_packed)
+    def int4_values(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """q int8 [N, K'] in [-8, 7], K' the padded width (what the kernels are built from), or the rows
+        `ids` of it: from the packed words, or from the kernel that took them over (held once)."""
+        if "weight_packed" not in self._parameters:
+            keeper = next(k for k in self.kernels.values() if "weight_packed" in k.drops)
+            return keeper.values(ids)
+        return unpack(self.weight_packed if ids is None else F.embedding(ids, self.weight_packed))
 
     def kernel_problem(self, dtype: torch.dtype) -> Problem:
-        rows, words = self.weight_packed.shape
-        device = self.weight_packed.device
-        return Problem.of(self.ROLE, rows, words * PER_WORD, device, dtype, group=self.GROUP)
+        rows, groups = self.weight_scale.shape  # the packed words may be a kernel's by now
+        device = self.weight_scale.device
+        return Problem.of(self.ROLE, rows, groups * self.GROUP, device, dtype, group=self.GROUP)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] @ w^T in x's dtype."""
@@ -89,7 +93,7 @@ class Int4Weights(Scheme):
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] padded with zeros to the packed width (zeros leave a token's int8 scale as it was)."""
-        width = self.weight_packed.shape[1] * PER_WORD
+        width = self.weight_scale.shape[1] * self.GROUP  # whole groups (the packed words may be a kernel's)
         return F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x
 
     def check_storable(self, name: str) -> None:
@@ -169,7 +173,7 @@ class Int4TiedEmbedding(Int4Weights, TiedEmbedding):
         return cls(pack_to_int32(q, BITS), scale, embedding.weight.shape[1], dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        q = unpack(F.embedding(input_ids.reshape(-1), self.weight_packed))
+        q = self.int4_values(input_ids.reshape(-1))
         scale = F.embedding(input_ids.reshape(-1), self.weight_scale).repeat_interleave(self.GROUP, dim=1)
         rows = (q.float() * scale)[:, : self.in_features]
         return rows.to(self.compute_dtype).view(*input_ids.shape, -1)

@@ -100,7 +100,7 @@ using I4Bf16Rows = void (*)(const uint8_t*, const float*, int64_t, const uint16_
                             int64_t, float*, int64_t);
 using I4x8Rows = void (*)(const uint8_t*, const float*, int64_t, const int8_t*, const int32_t*, int64_t, int64_t,
                           int64_t, int64_t, float*, int64_t);
-using I4x8Outer = I4x8Rows;  // the same arguments: q itself and each group's sums, not the prepared rows
+using I4x8Blocks = I4x8Rows;  // the same arguments: blocks, q itself and each group's sums
 template <class T>
 using Attend = void (*)(const T*, const T*, const T*, const float*, int64_t, int64_t, float, float*, float*);
 
@@ -120,7 +120,7 @@ struct Variant {
   I4Bf16Rows i4bf16;  // nullptr: likewise (int4 x bfloat16 activations then take the float path)
   I4x8Rows i4x8;
   int i4x8_half, i4x8_lane_bytes;  // a W4A8 step's packed bytes, and the bytes of a half one lane sums
-  I4x8Outer i4x8_outer;
+  I4x8Blocks i4x8_tiled;  // W4A8's outer products, on weights laid out in blocks at load
   Attend<uint16_t> attend_bf16;
   Attend<float> attend_f32;
 };
@@ -129,7 +129,7 @@ struct Variant {
 // namespace's kernels (f16, bf16dot and i4bf16 where it has them, else nullptr).
 #define VARIANT(ns, name, check, i8_act, f16, bf16dot, i4bf16)                                               \
   {name, check, i8_act, ns::F, ns::i8_rows, ns::bf16_rows, f16, ns::i8w_rows, ns::i4_rows, bf16dot, i4bf16, \
-   ns::i4x8_rows, ns::I4X8_HALF, ns::I4X8_LANE_BYTES, ns::i4x8_outer, ns::attend_bf16, ns::attend_f32}
+   ns::i4x8_rows, ns::I4X8_HALF, ns::I4X8_LANE_BYTES, ns::i4x8_tiled, ns::attend_bf16, ns::attend_f32}
 
 const Variant VARIANTS[] = {
     VARIANT(portable, "portable", [] { return true; }, I8Act::Int32, nullptr, nullptr, nullptr),
@@ -461,19 +461,33 @@ void prepare_i4x8(const int8_t* q, int64_t M, int64_t K, int64_t H, int64_t lane
     }
 }
 
-// (q @ w^T) * x_scale + bias in out_dtype for int8 q [M, K] and int4 weights in compressed-tensors'
-// packed words [N, K / 8] with float32 scales [N, K / group]: each step's products summed exactly in
-// int32, times its group's scale, summed in float32. x_scale: [M, 1] (per row), one number, or None
-// (q: float rows, quantized here; see int8_rows). `outer`: as outer products (variant.h's i4x8_outer,
-// each group summed exactly), else by the row tiles (each step summed exactly).
-at::Tensor w4a8_form(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& packed,
+// How a W4A8 op's weights come and which kernel sums them: packed rows by the row tiles (each step
+// summed exactly), or blocks of 16 columns laid out at load by outer products (each group summed
+// exactly; variant.h).
+enum class I4x8Form { Rows, Tiled };
+
+// (q @ w^T) * x_scale + bias in out_dtype for int8 q [M, K] and int4 weights with float32 scales
+// [N, K / group]: compressed-tensors' packed words [N, K / 8] (Rows) or blocks
+// [ceil(N / 16), K / 8, 64] uint8 (Tiled). Each group's products summed exactly in int32 (or each
+// step's), times its scale, summed in float32. x_scale: [M, 1] (per row), one number, or None (q:
+// float rows, quantized here; see int8_rows).
+at::Tensor w4a8_form(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& weights,
                      const at::Tensor& scale, int64_t group, const c10::optional<at::Tensor>& bias,
-                     at::ScalarType out_dtype, int64_t index, bool outer) {
+                     at::ScalarType out_dtype, int64_t index, I4x8Form form) {
   const Variant& v = variant(index);
-  int64_t N = packed.size(0), K = packed.size(1) * 8, M = q.size(0);
-  check_rows(packed, "packed", K / 8);
+  int64_t N, K, M = q.size(0);
+  if (form == I4x8Form::Tiled) {
+    TORCH_CHECK(scale.dim() == 2, "bloom_native: w4a8_tiled takes scales [N, K / group]");
+    N = scale.size(0), K = weights.size(1) * 8;
+    TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous() && weights.dim() == 3 &&
+                    weights.size(0) == (N + 15) / 16 && weights.size(2) == 64,
+                "bloom_native: w4a8_tiled takes contiguous uint8 blocks [ceil(N / 16), K / 8, 64]");
+  } else {
+    N = weights.size(0), K = weights.size(1) * 8;
+    check_rows(weights, "packed", K / 8);
+    TORCH_CHECK(weights.scalar_type() == at::kInt, "bloom_native: w4a8 takes int32 packed words");
+  }
   check_rows(q, "q", K);
-  TORCH_CHECK(packed.scalar_type() == at::kInt, "bloom_native: w4a8 takes int32 packed words");
   int64_t step = 2 * v.i4x8_half;
   TORCH_CHECK(group % step == 0 && (group & (group - 1)) == 0 && K % group == 0, "bloom_native: group ", group,
               " must be a power of two, whole steps of ", step, " inputs, dividing ", K);
@@ -484,40 +498,40 @@ at::Tensor w4a8_form(const at::Tensor& q, const c10::optional<at::Tensor>& x_sca
   thread_local std::vector<int32_t> corrections;
   const int8_t* xp = rows.q;
   int32_t* cp;
-  if (outer) {  // each group's sum of each row
+  if (form == I4x8Form::Rows) {
+    int8_t* permuted = scratch(prepared, M * K);
+    cp = scratch(corrections, M * K / step * (v.i4x8_half / v.i4x8_lane_bytes));
+    prepare_i4x8(rows.q, M, K, v.i4x8_half, v.i4x8_lane_bytes, permuted, cp);
+    xp = permuted;
+  } else {  // each group's sum of each row
     cp = scratch(corrections, M * (K / group));
     for (int64_t i = 0; i < M * (K / group); i++) {
       int32_t sum = 0;
       for (int64_t k = i * group; k < (i + 1) * group; k++) sum += xp[k];
       cp[i] = sum;
     }
-  } else {
-    int8_t* permuted = scratch(prepared, M * K);
-    cp = scratch(corrections, M * K / step * (v.i4x8_half / v.i4x8_lane_bytes));
-    prepare_i4x8(rows.q, M, K, v.i4x8_half, v.i4x8_lane_bytes, permuted, cp);
-    xp = permuted;
   }
   at::Tensor sums = at::empty({M, N}, q.options().dtype(at::kFloat));
   float* sp = sums.data_ptr<float>();
-  auto w = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
-  I4x8Rows kernel = outer ? v.i4x8_outer : v.i4x8;
+  auto w = static_cast<const uint8_t*>(weights.data_ptr());
+  I4x8Rows kernel = form == I4x8Form::Rows ? v.i4x8 : v.i4x8_tiled;
   over_outputs(N, K / 2, [&](int64_t n0, int64_t n1) {
     kernel(w, scale.data_ptr<float>(), __builtin_ctzll(group), xp, cp, M, K, n0, n1, sp, N);
     for (int64_t m = 0; m < M; m++) scale_and_bias(sp + m * N, n0, n1, rows.scale[rows.per_row ? m : 0], bp);
-  }, outer ? 16 : 4);
+  }, form == I4x8Form::Rows ? 4 : 16);
   return cast_out(sums, out_dtype);
 }
 
 at::Tensor w4a8(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& packed,
                 const at::Tensor& scale, int64_t group, const c10::optional<at::Tensor>& bias,
                 at::ScalarType out_dtype, int64_t index) {
-  return w4a8_form(q, x_scale, packed, scale, group, bias, out_dtype, index, false);
+  return w4a8_form(q, x_scale, packed, scale, group, bias, out_dtype, index, I4x8Form::Rows);
 }
 
-at::Tensor w4a8_outer(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& packed,
+at::Tensor w4a8_tiled(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& blocks,
                       const at::Tensor& scale, int64_t group, const c10::optional<at::Tensor>& bias,
                       at::ScalarType out_dtype, int64_t index) {
-  return w4a8_form(q, x_scale, packed, scale, group, bias, out_dtype, index, true);
+  return w4a8_form(q, x_scale, blocks, scale, group, bias, out_dtype, index, I4x8Form::Tiled);
 }
 
 // x [M, K] @ weight^T + bias for bfloat16 or float16 x and weight, in their dtype.
@@ -621,7 +635,7 @@ TORCH_LIBRARY(bloom_native, m) {
   m.def("w4a16(Tensor x, Tensor packed, Tensor scale, int group, int variant) -> Tensor");
   m.def("w4a8(Tensor q, Tensor? x_scale, Tensor packed, Tensor scale, int group, Tensor? bias, "
         "ScalarType out_dtype, int variant) -> Tensor");
-  m.def("w4a8_outer(Tensor q, Tensor? x_scale, Tensor packed, Tensor scale, int group, Tensor? bias, "
+  m.def("w4a8_tiled(Tensor q, Tensor? x_scale, Tensor blocks, Tensor scale, int group, Tensor? bias, "
         "ScalarType out_dtype, int variant) -> Tensor");
   m.def("dense16(Tensor x, Tensor weight, Tensor? bias, int variant) -> Tensor");
   m.def("cached_attention(Tensor qkv, Tensor(a!) keys, Tensor(b!) values, int layer, int row0, int first, "
@@ -634,7 +648,7 @@ TORCH_LIBRARY_IMPL(bloom_native, CPU, m) {
   m.impl("w8a16", &w8a16);
   m.impl("w4a16", &w4a16);
   m.impl("w4a8", &w4a8);
-  m.impl("w4a8_outer", &w4a8_outer);
+  m.impl("w4a8_tiled", &w4a8_tiled);
   m.impl("dense16", &dense16);
   m.impl("cached_attention", &cached_attention);
 }

@@ -462,56 +462,21 @@ static void i4x8_rows(const uint8_t* w, const float* scale, int64_t log2_group, 
   rows(I4x8{w, scale, K, log2_group, x, corr}, x, M, K, n0, n1, out, ldo);
 }
 
-// ---- W4A8 as outer products (many rows: a prefill) -------------------------------------------------
+// ---- W4A8 as outer products, on blocks of 16 columns ---------------------------------------------------
 // The row tiles above sum along K inside a vector, so that every (row, column, step) ends in a conversion
 // and a multiply-add of its own, and the int4 x int8 products ran at a quarter of the int8 peak with
-// 128 rows. Here a vector's int32 lanes are NB output columns instead: a block of NB weight rows is
-// unpacked once a call into quads (lane c: inputs 4j .. 4j + 3 of column c, nibbles q + 8 as bytes), each
-// activation quad is broadcast to every lane, and a group's sums for OR rows x NB columns stay in int32
-// registers, converted and scaled once a group. Unpacking costs about what a few rows' products do, so
-// this form serves many rows; the probe times it against the row tiles. A row's sums do not depend on
-// the rows batched with it: each output takes its groups in order, whatever the tile.
+// 128 rows. Here a vector's int32 lanes are NB output columns instead, on weights in blocks: block b
+// holds columns [NB b, NB b + NB) as K / 8 lines of 64 bytes, line p byte 4c + i holding column c's
+// inputs 8p + i (low nibble) and 8p + 4 + i (high nibble), each q + 8. A line is two quads of inputs
+// for every column; each activation quad is broadcast to every lane, and a group's sums for OR rows x
+// NB columns stay in int32 registers, converted and scaled once a group. The weights are laid out so
+// at load (in place of the packed rows: held once); laying them out per call from the packed rows, by
+// gathers, cost more than the products below about 32 rows. At one row the blocks are a single
+// sequential stream, as the rows are. A row's sums do not depend on the rows batched with it: each
+// output takes its groups in order, whatever the tile.
 constexpr int NB = 16;  // columns of a block: the int32 lanes of a 64-byte vector
-constexpr int OV = NB / F;  // vectors a row of a block takes
+constexpr int OV = NB / F;  // vectors a line of a block takes
 constexpr int OR = VBYTES == 64 ? 8 : 2;  // rows a weight vector serves: OR x OV int32 and float accumulators
-
-// A quad's four nibbles (a packed 16-bit word, low first) as the four bytes of an int32 lane.
-static inline vi spread(vi word) {
-  return (word & 0xF) | ((word & 0xF0) << 4) | ((word & 0xF00) << 8) | ((word & 0xF000) << 12);
-}
-
-// quads[j][c] for columns c < nc of the block at row nb of the packed weights (the columns past nc,
-// whose sums are never stored, repeat column nc - 1 or are zero: no read past the weights). The
-// x86 variants gather each 32-bit word (two quads) of the block's columns into one vector's lanes (a
-// scalar transpose cost a fifth of the products with 128 rows); the portable one copies lane by lane.
-static void unpack_quads(const uint8_t* w, int64_t K, int64_t nb, int64_t nc, uint32_t* quads) {
-  const int64_t words = K / 8;  // 32-bit words a row: two quads each
-  const int32_t* base = reinterpret_cast<const int32_t*>(w) + nb * words;
-#if VBYTES >= 32
-  alignas(64) int32_t index[NB];
-  for (int c = 0; c < NB; c++) index[c] = int32_t(std::min<int64_t>(c, nc - 1) * words);  // no read past nc
-  vi at[OV];
-  for (int v = 0; v < OV; v++) at[v] = load<vi>(index + v * F);
-  for (int64_t d = 0; d < words; d++)
-    for (int v = 0; v < OV; v++) {
-#if VBYTES == 64
-      vi pair = (vi)_mm512_i32gather_epi32((__m512i)at[v], base + d, 4);
-#else
-      vi pair = (vi)_mm256_i32gather_epi32(base + d, (__m256i)at[v], 4);
-#endif
-      vi low = spread(pair & 0xFFFF), high = spread((pair >> 16) & 0xFFFF);
-      memcpy(quads + (2 * d) * NB + v * F, &low, sizeof low);
-      memcpy(quads + (2 * d + 1) * NB + v * F, &high, sizeof high);
-    }
-#else
-  for (int64_t c = 0; c < NB; c++)
-    for (int64_t d = 0; d < words; d++) {
-      uint32_t pair = c < nc ? uint32_t(base[c * words + d]) : 0;
-      quads[2 * d * NB + c] = uint32_t(spread(vi{} + int32_t(pair & 0xFFFF))[0]);
-      quads[(2 * d + 1) * NB + c] = uint32_t(spread(vi{} + int32_t(pair >> 16))[0]);
-    }
-#endif
-}
 
 // acc + each lane's four unsigned weight bytes times the four signed activation bytes of x (in every lane).
 static inline vi dot4(vi acc, vi w, vi x) {
@@ -528,12 +493,12 @@ static inline vi dot4(vi acc, vi w, vi x) {
 #endif
 }
 
-// R rows of x (K apart) against an unpacked block: out's rows (ldo apart) get columns [0, nc) of the sum
-// over groups of the group's scale x (its exact int32 sum - 8 x the activations' sum over the group).
+// R rows of x (K apart) against a block: out's rows (ldo apart) get columns [0, nc) of the sum over
+// groups of the group's scale x (its exact int32 sum - 8 x the activations' sum over the group).
 template <int R>
-static void outer_tile(const uint32_t* quads, const float* scales, const int8_t* x, const int32_t* xsum,
+static void block_tile(const uint8_t* block, const float* scales, const int8_t* x, const int32_t* xsum,
                        int64_t K, int64_t log2_group, float* out, int64_t ldo, int64_t nc) {
-  int64_t groups = K >> log2_group, quads_a_group = (int64_t(1) << log2_group) / 4;
+  int64_t groups = K >> log2_group, lines_a_group = (int64_t(1) << log2_group) / 8;
   vf acc[R][OV];
   for (int r = 0; r < R; r++)
     for (int v = 0; v < OV; v++) acc[r][v] = vf{};
@@ -541,12 +506,16 @@ static void outer_tile(const uint32_t* quads, const float* scales, const int8_t*
     vi sum[R][OV];
     for (int r = 0; r < R; r++)
       for (int v = 0; v < OV; v++) sum[r][v] = vi{};
-    for (int64_t j = g * quads_a_group; j < (g + 1) * quads_a_group; j++) {
-      vi wv[OV];
-      for (int v = 0; v < OV; v++) wv[v] = load<vi>(quads + j * NB + v * F);
+    for (int64_t p = g * lines_a_group; p < (g + 1) * lines_a_group; p++) {
+      vi low[OV], high[OV];
+      for (int v = 0; v < OV; v++) {
+        vi line = load<vi>(block + p * 64 + v * VBYTES);
+        low[v] = line & 0x0F0F0F0F;
+        high[v] = (line >> 4) & 0x0F0F0F0F;
+      }
       for (int r = 0; r < R; r++) {
-        vi xv = vi{} + load<int32_t>(x + r * K + 4 * j);
-        for (int v = 0; v < OV; v++) sum[r][v] = dot4(sum[r][v], wv[v], xv);
+        vi first = vi{} + load<int32_t>(x + r * K + 8 * p), second = vi{} + load<int32_t>(x + r * K + 8 * p + 4);
+        for (int v = 0; v < OV; v++) sum[r][v] = dot4(dot4(sum[r][v], low[v], first), high[v], second);
       }
     }
     for (int r = 0; r < R; r++) {
@@ -558,36 +527,39 @@ static void outer_tile(const uint32_t* quads, const float* scales, const int8_t*
   for (int r = 0; r < R; r++) memcpy(out + r * ldo, acc[r], nc * sizeof(float));
 }
 
-// The last rows < OR of a block: the tile of their count.
+// The last rows < OR against a block: the tile of their count.
 template <int R>
-static void outer_rest(int64_t rows, const uint32_t* quads, const float* scales, const int8_t* x,
+static void block_rest(int64_t rows, const uint8_t* block, const float* scales, const int8_t* x,
                        const int32_t* xsum, int64_t K, int64_t log2_group, float* out, int64_t ldo, int64_t nc) {
   if constexpr (R > 0) {
-    if (rows == R) return outer_tile<R>(quads, scales, x, xsum, K, log2_group, out, ldo, nc);
-    outer_rest<R - 1>(rows, quads, scales, x, xsum, K, log2_group, out, ldo, nc);
+    if (rows == R) return block_tile<R>(block, scales, x, xsum, K, log2_group, out, ldo, nc);
+    block_rest<R - 1>(rows, block, scales, x, xsum, K, log2_group, out, ldo, nc);
   }
 }
 
-// Columns [n0, n1) of out [M, ldo]: x [M, K] int8 and xsum [M, K / group], each group's sum of a row.
-static void i4x8_outer(const uint8_t* w, const float* scale, int64_t log2_group, const int8_t* x,
-                       const int32_t* xsum, int64_t M, int64_t K, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+// Columns [nb, nb + nc) of out [M, ldo] from the block holding them: x [M, K] int8, xsum [M, K / group]
+// each group's sum of a row, scale [N, K / group] the weights' (its columns gathered once here).
+static void block_rows(const uint8_t* block, const float* scale, int64_t log2_group, const int8_t* x,
+                       const int32_t* xsum, int64_t M, int64_t K, int64_t nb, int64_t nc, float* out, int64_t ldo) {
   int64_t groups = K >> log2_group;
-  thread_local std::vector<uint32_t> quads;
   thread_local std::vector<float> scales;
-  quads.resize(K / 4 * NB);
   scales.resize(groups * NB);
-  for (int64_t nb = n0; nb < n1; nb += NB) {
-    int64_t nc = std::min<int64_t>(NB, n1 - nb);
-    unpack_quads(w, K, nb, nc, quads.data());
-    for (int64_t g = 0; g < groups; g++)
-      for (int64_t c = 0; c < NB; c++) scales[g * NB + c] = c < nc ? scale[(nb + c) * groups + g] : 0.0f;
-    int64_t m = 0;
-    for (; m + OR <= M; m += OR)
-      outer_tile<OR>(quads.data(), scales.data(), x + m * K, xsum + m * groups, K, log2_group, out + m * ldo + nb,
+  for (int64_t g = 0; g < groups; g++)
+    for (int64_t c = 0; c < NB; c++) scales[g * NB + c] = c < nc ? scale[(nb + c) * groups + g] : 0.0f;
+  int64_t m = 0;
+  for (; m + OR <= M; m += OR)
+    block_tile<OR>(block, scales.data(), x + m * K, xsum + m * groups, K, log2_group, out + m * ldo + nb, ldo, nc);
+  block_rest<OR - 1>(M - m, block, scales.data(), x + m * K, xsum + m * groups, K, log2_group, out + m * ldo + nb,
                      ldo, nc);
-    outer_rest<OR - 1>(M - m, quads.data(), scales.data(), x + m * K, xsum + m * groups, K, log2_group,
-                       out + m * ldo + nb, ldo, nc);
-  }
+}
+
+// Columns [n0, n1) of out [M, ldo] (n0 a multiple of NB) from weights laid out in blocks at load
+// ([ceil(N / NB), K / 8, 64] bytes; bloom_runtime/kernels/int4.py's int4_blocks).
+static void i4x8_tiled(const uint8_t* blocks, const float* scale, int64_t log2_group, const int8_t* x,
+                       const int32_t* xsum, int64_t M, int64_t K, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  for (int64_t nb = n0; nb < n1; nb += NB)
+    block_rows(blocks + nb * (K / 2), scale, log2_group, x, xsum, M, K, nb, std::min<int64_t>(NB, n1 - nb), out,
+               ldo);
 }
 
 constexpr int I4X8_HALF = I4x8::H;
