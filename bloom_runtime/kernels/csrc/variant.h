@@ -507,6 +507,11 @@ static void block_tile(const uint8_t* block, const float* scales, const int8_t* 
     for (int r = 0; r < R; r++)
       for (int v = 0; v < OV; v++) sum[r][v] = vi{};
     for (int64_t p = g * lines_a_group; p < (g + 1) * lines_a_group; p++) {
+      // With several rows a line takes longer than the prefetchers' pace: ask for the line 4 KB ahead
+      // (the blocks are one stream; past their end no load reads it, and a prefetch never faults).
+      // On the EPYC this was written on, non-temporally: 8 rows of the head 7.7 -> 6.4 ms, of
+      // 1024x4096 0.18 -> 0.11; into L2 (locality 2) less; one row gained nothing either way.
+      if constexpr (R > 1) __builtin_prefetch(block + p * 64 + 4096, 0, 0);
       vi low[OV], high[OV];
       for (int v = 0; v < OV; v++) {
         vi line = load<vi>(block + p * 64 + v * VBYTES);
