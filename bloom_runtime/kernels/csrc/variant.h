@@ -498,35 +498,56 @@ static inline vi dot4(vi acc, vi w, vi x) {
 template <int R>
 static void block_tile(const uint8_t* block, const float* scales, const int8_t* x, const int32_t* xsum,
                        int64_t K, int64_t log2_group, float* out, int64_t ldo, int64_t nc) {
+  // Sums c of a (row, vector): even c take low nibbles, odd c high ones. With few rows a line's products
+  // would wait on one another (vpdpbusd adds into its accumulator), so C = 4 independent sums over
+  // LINES = 2 lines a pass. VNNI multiplies unsigned weight bytes, so a high nibble is taken in place
+  // (16 h, one op fewer a line) into sums of its own, divided by 16 once a group (exact: multiples of
+  // 16); maddubs' int16 pairs would saturate on 16 h, so there C may be 1.
+  constexpr int C = R * OV < 4 ? 4 : 1, LINES = C > 2 ? 2 : 1;
+  constexpr bool HIGH_IN_PLACE = I8_KIND == I8_VNNI && C > 1;
   int64_t groups = K >> log2_group, lines_a_group = (int64_t(1) << log2_group) / 8;
   vf acc[R][OV];
   for (int r = 0; r < R; r++)
     for (int v = 0; v < OV; v++) acc[r][v] = vf{};
   for (int64_t g = 0; g < groups; g++) {
-    vi sum[R][OV];
+    vi sum[R][OV][C];
     for (int r = 0; r < R; r++)
-      for (int v = 0; v < OV; v++) sum[r][v] = vi{};
-    for (int64_t p = g * lines_a_group; p < (g + 1) * lines_a_group; p++) {
-      // With several rows a line takes longer than the prefetchers' pace: ask for the line 4 KB ahead
-      // (the blocks are one stream; past their end no load reads it, and a prefetch never faults).
-      // On the EPYC this was written on, non-temporally: 8 rows of the head 7.7 -> 6.4 ms, of
-      // 1024x4096 0.18 -> 0.11; into L2 (locality 2) less; one row gained nothing either way.
-      if constexpr (R > 1) __builtin_prefetch(block + p * 64 + 4096, 0, 0);
-      vi low[OV], high[OV];
-      for (int v = 0; v < OV; v++) {
-        vi line = load<vi>(block + p * 64 + v * VBYTES);
-        low[v] = line & 0x0F0F0F0F;
-        high[v] = (line >> 4) & 0x0F0F0F0F;
-      }
-      for (int r = 0; r < R; r++) {
-        vi first = vi{} + load<int32_t>(x + r * K + 8 * p), second = vi{} + load<int32_t>(x + r * K + 8 * p + 4);
-        for (int v = 0; v < OV; v++) sum[r][v] = dot4(dot4(sum[r][v], low[v], first), high[v], second);
+      for (int v = 0; v < OV; v++)
+        for (int c = 0; c < C; c++) sum[r][v][c] = vi{};
+    for (int64_t p = g * lines_a_group; p < (g + 1) * lines_a_group; p += LINES) {
+      for (int u = 0; u < LINES; u++) {
+        const uint8_t* line = block + (p + u) * 64;
+        // With several rows a line takes longer than the prefetchers' pace: ask for the line 4 KB ahead
+        // (the blocks are one stream; past their end no load reads it, and a prefetch never faults).
+        // On the EPYC this was written on, non-temporally: 8 rows of the head 7.7 -> 6.4 ms, of
+        // 1024x4096 0.18 -> 0.11; into L2 (locality 2) less; one row gained nothing either way.
+        if constexpr (R > 1) __builtin_prefetch(line + 4096, 0, 0);
+        vi low[OV], high[OV];
+        for (int v = 0; v < OV; v++) {
+          vi bytes = load<vi>(line + v * VBYTES);
+          low[v] = bytes & 0x0F0F0F0F;
+          high[v] = HIGH_IN_PLACE ? bytes & int32_t(0xF0F0F0F0) : (bytes >> 4) & 0x0F0F0F0F;
+        }
+        for (int r = 0; r < R; r++) {
+          const int8_t* xr = x + r * K + 8 * (p + u);
+          vi first = vi{} + load<int32_t>(xr), second = vi{} + load<int32_t>(xr + 4);
+          for (int v = 0; v < OV; v++) {
+            vi& a = sum[r][v][(2 * u) % C];
+            vi& b = sum[r][v][(2 * u + 1) % C];
+            a = dot4(a, low[v], first);
+            b = dot4(b, high[v], second);
+          }
+        }
       }
     }
     for (int r = 0; r < R; r++) {
       vi offset = vi{} + 8 * xsum[r * groups + g];
-      for (int v = 0; v < OV; v++)
-        acc[r][v] += __builtin_convertvector(sum[r][v] - offset, vf) * load<vf>(scales + g * NB + v * F);
+      for (int v = 0; v < OV; v++) {
+        vi low = sum[r][v][0], high = C > 1 ? sum[r][v][1] : vi{};
+        for (int c = 2; c < C; c++) (c % 2 ? high : low) += sum[r][v][c];
+        vi total = (HIGH_IN_PLACE ? low + (high >> 4) : low + high) - offset;
+        acc[r][v] += __builtin_convertvector(total, vf) * load<vf>(scales + g * NB + v * F);
+      }
     }
   }
   for (int r = 0; r < R; r++) memcpy(out + r * ldo, acc[r], nc * sizeof(float));
