@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .errors import InputError
+from .kernels import native
 
 # The lowest sampling temperature: below it a request is greedy (as vLLM treats temperatures
 # under 1e-5). Sampling is exact at any temperature from here up (`sample` never overflows).
@@ -73,24 +74,34 @@ def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.
     """Token ids [B] chosen from logits [B, V] of any float dtype, every row under `config`
     (sampling rows share `generator`).
 
-    Greedy takes the first maximum in the logits' own dtype (widening to float32 is
-    exact and keeps the order), through `max`, not `argmax`: on 2 threads of an
-    AVX-512 Xeon, one bloom row of 250880 bfloat16 logits takes 0.25 ms that way
-    against 1.05 ms for `argmax` (0.46 ms for float32 + `argmax`, the old path).
+    Greedy takes each row's first maximum (`greedy`).
     """
     if not config.do_sample:
-        return logits.max(dim=-1).indices
+        return greedy(logits)
     rows = logits.shape[0]
     tokens, _ = sample(logits, [config] * rows, [generator] * rows)
     return tokens
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximum [B] of logits [B, V] in their own dtype (widening would be exact and
+    keep the order), NaN above every number, as `max(dim=-1).indices` gives it. On CPU the native
+    library's one parallel pass serves: on 2 threads of an EPYC Zen 4, for bloom's 250880 bfloat16
+    logits, 24 us a row against 0.21 ms for `max` (one thread a row: 8 rows 0.16 ms against 0.84-1.6),
+    and `max` against 0.9 ms for `argmax`."""
+    native_here = logits.device.type == "cpu" and logits.dim() == 2 and logits.stride(-1) == 1
+    variant = native.widest_variant() if native_here else None
+    if variant is None:
+        return logits.max(dim=-1).indices
+    return torch.ops.bloom_native.greedy.default(logits, variant)
+
+
 def choose(logits: torch.Tensor, configs: list[GenerationConfig], generators: list[torch.Generator | None]
            ) -> tuple[list[int], list[str | None]]:
     """Each row's next token under its own settings, and for each row None or why it could not be
-    chosen (logits that are not finite). Greedy rows take one `max` over the batch; the
+    chosen (logits that are not finite). Greedy rows take one `greedy` pick over the batch; the
     sampling rows are filtered and drawn together (`sample`), each from its own generator."""
-    tokens = logits.max(dim=-1).indices.tolist()
+    tokens = greedy(logits).tolist()
     errors: list[str | None] = [None] * len(configs)
     rows = [i for i, config in enumerate(configs) if config.do_sample]
     if rows:

@@ -227,6 +227,26 @@ def test_cached_attention_matches_float64_and_writes_the_cache(variant, kind, ro
     assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
 
 
+@pytest.mark.parametrize("kind", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("width", [1, 13, 16384, 2 * 16384 + 37])
+def test_greedy_takes_each_rows_first_maximum_as_torch_max_does(variant, kind, width):
+    """The greedy pick against `max(dim=-1).indices`. Guards a lost tail (the maximum in the last,
+    partial vector or part), a later equal maximum taken for the first (ties inside a part and across
+    parts), a NaN missed or not the first one, rows read at a wrong stride, and a read past the end."""
+    g = torch.Generator().manual_seed(width)
+    rows = torch.randn(8, width + 3, generator=g).to(kind)[:, :width]  # rows `width + 3` apart
+    rows[1, -1] = 100  # in the tail
+    rows[2, width // 2] = rows[2, -1] = 100  # the same maximum twice (across parts where width allows)
+    rows[3, width // 3] = rows[3, -1] = float("nan")
+    rows[4] = float("-inf")
+    rows[5] = 0.0
+    rows[5, -1] = -0.0
+    rows[6, -1] = float("inf")
+    guarded = before_an_unreadable_page(rows[7:].contiguous())
+    for logits in (rows, guarded):
+        assert torch.equal(torch.ops.bloom_native.greedy(logits, variant), logits.max(dim=-1).indices)
+
+
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16, torch.float16])
 def test_one_pass_quantization_equals_the_torch_ops_bit_for_bit(act):
     """Guards rounding half away from zero, a scale from another formula, and the clamp: ties

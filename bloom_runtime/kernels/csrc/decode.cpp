@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -103,6 +104,8 @@ using I4x8Rows = void (*)(const uint8_t*, const float*, int64_t, const int8_t*, 
 using I4x8Blocks = I4x8Rows;  // the same arguments: blocks, q itself and each group's sums
 template <class T>
 using Attend = void (*)(const T*, const T*, const T*, const float*, int64_t, int64_t, float, float*, float*);
+template <class T>
+using Greatest = void (*)(const T*, int64_t, float*, bool*);
 
 enum class I8Act { Int32, Int16, Uint8Plus128 };
 
@@ -123,13 +126,16 @@ struct Variant {
   I4x8Blocks i4x8_tiled;  // W4A8's outer products, on weights laid out in blocks at load
   Attend<uint16_t> attend_bf16;
   Attend<float> attend_f32;
+  Greatest<uint16_t> greatest_bf16;
+  Greatest<float> greatest_f32;
 };
 
 // A row of the table: a variant's name, its CPU check, how its int8 activations come prepared, and its
 // namespace's kernels (f16, bf16dot and i4bf16 where it has them, else nullptr).
 #define VARIANT(ns, name, check, i8_act, f16, bf16dot, i4bf16)                                               \
   {name, check, i8_act, ns::F, ns::i8_rows, ns::bf16_rows, f16, ns::i8w_rows, ns::i4_rows, bf16dot, i4bf16, \
-   ns::i4x8_rows, ns::I4X8_HALF, ns::I4X8_LANE_BYTES, ns::i4x8_tiled, ns::attend_bf16, ns::attend_f32}
+   ns::i4x8_rows, ns::I4X8_HALF, ns::I4X8_LANE_BYTES, ns::i4x8_tiled, ns::attend_bf16, ns::attend_f32,   \
+   ns::greatest_bf16, ns::greatest_f32}
 
 const Variant VARIANTS[] = {
     VARIANT(portable, "portable", [] { return true; }, I8Act::Int32, nullptr, nullptr, nullptr),
@@ -623,6 +629,57 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& keys, const
   return cast_out(out, qkv.scalar_type());
 }
 
+
+// Each row's first maximum of logits [B, V] (float32, bfloat16 or float16, rows contiguous): the greedy
+// pick, as torch's max(dim=-1).indices gives it (a NaN counts above every number, the first NaN wins).
+// Parts of a row are reduced on torch's threads, then the part holding the first maximum is scanned
+// for it. torch's max with indices runs one thread a row, scalar: one row of bloom's 250880 bfloat16
+// logits took 0.21 ms, 8 rows 0.84-1.6 ms, on 2 threads of an EPYC Zen 4.
+at::Tensor greedy(const at::Tensor& logits, int64_t index) {
+  const Variant& var = variant(index);
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.size(1) > 0 && logits.stride(1) == 1,
+              "bloom_native: greedy takes CPU logits [B, V], V > 0, each row contiguous");
+  at::ScalarType dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "bloom_native: greedy takes float32, bfloat16 or float16 logits");
+  constexpr int64_t PART = 16384;
+  int64_t B = logits.size(0), V = logits.size(1), parts = (V + PART - 1) / PART, size = logits.element_size();
+  auto base = static_cast<const char*>(logits.data_ptr());
+  // The first pass over part i of row r: its largest value and whether it holds a NaN.
+  auto reduce = [&](int64_t r, int64_t i, float* top, bool* nan) {
+    int64_t n = std::min(PART, V - i * PART);
+    const char* p = base + (r * logits.stride(0) + i * PART) * size;
+    if (dtype == at::kBFloat16) return var.greatest_bf16(reinterpret_cast<const uint16_t*>(p), n, top, nan);
+    if (dtype == at::kFloat) return var.greatest_f32(reinterpret_cast<const float*>(p), n, top, nan);
+    thread_local std::vector<float> buffer;
+    float* f = scratch(buffer, n);
+    floats(dtype, p, n, f);
+    var.greatest_f32(f, n, top, nan);
+  };
+  std::vector<float> top(B * parts);
+  std::unique_ptr<bool[]> nan(new bool[B * parts]);
+  at::parallel_for(0, B * parts, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) reduce(j / parts, j % parts, &top[j], &nan[j]);
+  });
+  at::Tensor out = at::empty({B}, logits.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t r = 0; r < B; r++) {
+    const float* t = top.data() + r * parts;
+    const bool* bad = nan.get() + r * parts;
+    int64_t i = std::find(bad, bad + parts, true) - bad;
+    bool want_nan = i < parts;
+    float m = want_nan ? NAN : *std::max_element(t, t + parts);
+    if (!want_nan) i = std::find(t, t + parts, m) - t;
+    thread_local std::vector<float> buffer;
+    float* f = scratch(buffer, PART);
+    int64_t n = std::min(PART, V - i * PART), k = 0;
+    floats(dtype, base + (r * logits.stride(0) + i * PART) * size, n, f);
+    while (k < n && !(want_nan ? f[k] != f[k] : f[k] == m)) k++;
+    op[r] = i * PART + k;
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bloom_native, m) {
@@ -638,6 +695,7 @@ TORCH_LIBRARY(bloom_native, m) {
   m.def("w4a8_tiled(Tensor q, Tensor? x_scale, Tensor blocks, Tensor scale, int group, Tensor? bias, "
         "ScalarType out_dtype, int variant) -> Tensor");
   m.def("dense16(Tensor x, Tensor weight, Tensor? bias, int variant) -> Tensor");
+  m.def("greedy(Tensor logits, int variant) -> Tensor");
   m.def("cached_attention(Tensor qkv, Tensor(a!) keys, Tensor(b!) values, int layer, int row0, int first, "
         "int column, Tensor bias, int variant) -> Tensor");
 }
@@ -651,4 +709,5 @@ TORCH_LIBRARY_IMPL(bloom_native, CPU, m) {
   m.impl("w4a8_tiled", &w4a8_tiled);
   m.impl("dense16", &dense16);
   m.impl("cached_attention", &cached_attention);
+  m.impl("greedy", &greedy);
 }

@@ -701,6 +701,38 @@ static void attend_f32(const float* q, const float* k, const float* v, const flo
   attend(q, k, v, bias, positions, D, scale, scores, out);
 }
 
+
+// The greedy pick's first pass: the largest of n values at p (float32 or bfloat16) and whether any is a
+// NaN (which no comparison takes).
+template <class T>
+static void greatest(const T* p, int64_t n, float* top, bool* nan) {
+  vf m = vf{} - INFINITY;
+  vi bad = vi{};
+  int64_t k = 0;
+  for (; k + F <= n; k += F) {
+    vf v = load_float(p + k);
+    m = v > m ? v : m;
+    bad |= (vi)(v != v);
+  }
+  float t = -INFINITY;
+  bool b = false;
+  for (int i = 0; i < F; i++) t = std::max(t, m[i]), b |= bad[i] != 0;
+  for (; k < n; k++) {
+    float v;
+    if constexpr (sizeof(T) == 2) {
+      uint32_t bits = uint32_t(reinterpret_cast<const uint16_t*>(p)[k]) << 16;
+      memcpy(&v, &bits, sizeof v);
+    } else {
+      v = p[k];
+    }
+    t = v > t ? v : t, b |= v != v;
+  }
+  *top = t, *nan = b;
+}
+
+static void greatest_bf16(const uint16_t* p, int64_t n, float* top, bool* nan) { greatest(p, n, top, nan); }
+static void greatest_f32(const float* p, int64_t n, float* top, bool* nan) { greatest(p, n, top, nan); }
+
 #undef VBYTES  // the next variant sets its own
 #undef I8_KIND
 #undef F16C
