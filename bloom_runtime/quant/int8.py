@@ -43,6 +43,8 @@ def int8_problem(role: str, weight: torch.Tensor, dtype: torch.dtype) -> Problem
 def w8a8(owner: KernelOwner, x: torch.Tensor, quantize) -> torch.Tensor:
     """x [..., K] quantized by `quantize` (rows of x's dtype -> int8, scale, in float32 math; or the rows
     and None, `per_token`), through the owner's "w8a8" kernel, in x's dtype."""
+    if x.dim() == 2:  # the model's rows, as they are (see KernelOwner.run_rows)
+        return owner.run_kernel(x.dtype, *quantize(x), x.dtype)
     q, scale = quantize(x.reshape(-1, x.shape[-1]))
     return owner.run_kernel(x.dtype, q, scale, x.dtype).view(*x.shape[:-1], -1)
 
