@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BloomConfig
-from .kernels import Decision, KernelOwner, Problem
+from .kernels import Decision, KernelOwner, Problem, native
 from .kv_cache import KVCache
 from .tensors import FLOAT, IN, OUT, VOCAB, Stored
 
@@ -171,6 +171,19 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(segment.tokens, -1)
 
 
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """BLOOM's tanh GELU. For contiguous bfloat16 on CPU, the native library's vectorized pass over torch's
+    threads serves: [8, 4096] 15 us against aten's 35, [128, 4096] 0.2 ms against 0.5 (2 threads, EPYC
+    Zen 4). It evaluates the same function as x sigmoid(2u), within a bfloat16 ulp, where aten's
+    x/2 (1 + tanh(u)) cancels for x < 0 (one ulp off in ~7% of those). float32 keeps aten's, which is
+    transformers' float32 evaluation (a static W8A8 model's conformance moved with the other)."""
+    usable = x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.is_contiguous()
+    variant = native.widest_variant() if usable else None
+    if variant is None:
+        return F.gelu(x, approximate="tanh")
+    return torch.ops.bloom_native.gelu.default(x, variant)
+
+
 class MLP(nn.Module):
     def __init__(self, config: BloomConfig) -> None:
         super().__init__()
@@ -179,7 +192,7 @@ class MLP(nn.Module):
         self.dense_4h_to_h = Linear(4 * h, h, "row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+        return self.dense_4h_to_h(gelu(self.dense_h_to_4h(x)))
 
 
 class Block(nn.Module):

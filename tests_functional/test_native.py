@@ -11,6 +11,7 @@ and once under the AVX2 cap (where only the portable and avx2 variants may run).
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import subprocess
@@ -245,6 +246,25 @@ def test_greedy_takes_each_rows_first_maximum_as_torch_max_does(variant, kind, w
     guarded = before_an_unreadable_page(rows[7:].contiguous())
     for logits in (rows, guarded):
         assert torch.equal(torch.ops.bloom_native.greedy(logits, variant), logits.max(dim=-1).indices)
+
+
+@pytest.mark.parametrize("shape", [(1, 13), (3, 4096 + 5), (64, 4096)])
+def test_gelu_is_blooms_tanh_gelu_within_an_ulp(variant, shape):
+    """Against x sigmoid(2u) in float64 (the tanh form, 1 + tanh(u), cancels for x < 0 even in float64).
+    Guards a wrong constant, the sigmoid's branch for x < 0 taken the wrong way, a lost tail, threads'
+    ranges overlapping or missed, bfloat16 truncated instead of rounded to nearest even (half the
+    outputs would differ from the reference rounded), a NaN lost, and reads past the end."""
+    g = torch.Generator().manual_seed(shape[1])
+    x = (torch.randn(*shape, generator=g) * 4).bfloat16()
+    x[0, 0], x[-1, -1] = float("nan"), 200.0
+    x = before_an_unreadable_page(x)
+    got = torch.ops.bloom_native.gelu(x, variant)
+    ref = x.double() * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x.double() + 0.044715 * x.double() ** 3))
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    assert torch.isnan(got[0, 0]) and got[-1, -1] == 200.0
+    finite = ~torch.isnan(ref)
+    assert float(((got.double() - ref).abs() / ref.abs().clamp(min=1e-30))[finite].max()) < 2.0**-8
+    assert float((got != ref.float().bfloat16())[finite].double().mean()) < 0.01  # off only near a tie
 
 
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16, torch.float16])
