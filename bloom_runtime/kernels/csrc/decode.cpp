@@ -21,7 +21,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -630,7 +629,6 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& keys, const
   return cast_out(out, qkv.scalar_type());
 }
 
-
 // Each row's first maximum of logits [B, V] (float32, bfloat16 or float16, rows contiguous): the greedy
 // pick, as torch's max(dim=-1).indices gives it (a NaN counts above every number, the first NaN wins).
 // Parts of a row are reduced on torch's threads, then the part holding the first maximum is scanned
@@ -657,17 +655,23 @@ at::Tensor greedy(const at::Tensor& logits, int64_t index) {
     floats(dtype, p, n, f);
     var.greatest_f32(f, n, top, nan);
   };
-  std::vector<float> top(B * parts);
-  std::unique_ptr<bool[]> nan(new bool[B * parts]);
+  thread_local std::vector<float> tops;  // the calling thread's: a decode step allocates only its outputs
+  thread_local std::vector<uint8_t> nans;
+  float* top = scratch(tops, B * parts);
+  uint8_t* nan = scratch(nans, B * parts);
   at::parallel_for(0, B * parts, 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; j++) reduce(j / parts, j % parts, &top[j], &nan[j]);
+    for (int64_t j = j0; j < j1; j++) {
+      bool any_nan;
+      reduce(j / parts, j % parts, &top[j], &any_nan);
+      nan[j] = any_nan;
+    }
   });
   at::Tensor out = at::empty({B}, logits.options().dtype(at::kLong));
   int64_t* op = out.data_ptr<int64_t>();
   for (int64_t r = 0; r < B; r++) {
-    const float* t = top.data() + r * parts;
-    const bool* bad = nan.get() + r * parts;
-    int64_t i = std::find(bad, bad + parts, true) - bad;
+    const float* t = top + r * parts;
+    const uint8_t* bad = nan + r * parts;
+    int64_t i = std::find(bad, bad + parts, 1) - bad;
     bool want_nan = i < parts;
     float m = want_nan ? NAN : *std::max_element(t, t + parts);
     if (!want_nan) i = std::find(t, t + parts, m) - t;

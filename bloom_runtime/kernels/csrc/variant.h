@@ -600,7 +600,7 @@ static inline vf load_float(const T* p) {
     return load<vf>(p);
 }
 
-
+// One float32 or bfloat16 value as float32 (the vector loops' tails).
 template <class T>
 static inline float scalar_float(const T* p) {
   if constexpr (sizeof(T) == 2)
@@ -727,7 +727,6 @@ static void attend_f32(const float* q, const float* k, const float* v, const flo
   attend(q, k, v, bias, positions, D, scale, scores, out);
 }
 
-
 // The greedy pick's first pass: the largest of n values at p (float32 or bfloat16) and whether any is a
 // NaN (which no comparison takes).
 template <class T>
@@ -753,7 +752,6 @@ static void greatest(const T* p, int64_t n, float* top, bool* nan) {
 static void greatest_bf16(const uint16_t* p, int64_t n, float* top, bool* nan) { greatest(p, n, top, nan); }
 static void greatest_f32(const float* p, int64_t n, float* top, bool* nan) { greatest(p, n, top, nan); }
 
-
 // BLOOM's tanh GELU over n bfloat16 values: x/2 (1 + tanh(u)),
 // u = sqrt(2/pi) (x + 0.044715 x^3), computed as x sigmoid(2u), the same function, from one vexp of
 // -2|u| (1 + tanh(u) cancels where x < 0: torch's own float32 evaluation rounds to another bfloat16
@@ -774,7 +772,6 @@ static void gelu(const uint16_t* x, int64_t n, uint16_t* out) {
     memcpy(out + k, rest, (n - k) * sizeof in[0]);
   }
 }
-
 
 #undef VBYTES  // the next variant sets its own
 #undef I8_KIND
