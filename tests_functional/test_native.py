@@ -201,7 +201,8 @@ def test_cached_attention_matches_float64_and_writes_the_cache(variant, kind, ro
     """Guards a softmax without its maximum (overflow), masked positions leaking, q, k or v taken from
     the wrong third of the fused projection, scores summed into the wrong position, keys read from the
     wrong row, head or layer of the cache, a value row read at a wrong offset, the step's key and value
-    written to the wrong cell (or over a neighbour's), and an inexact exp: with the scores close
+    written to the wrong cell (or over a neighbour's), bfloat16 outputs truncated in place of rounded to
+    nearest even, and an inexact exp: with the scores close
     (`spread` 0.1, q small) every position's weight counts, where far apart (30) one position takes
     nearly all."""
     g = torch.Generator().manual_seed(rows * positions + head)
@@ -226,6 +227,10 @@ def test_cached_attention_matches_float64_and_writes_the_cache(variant, kind, ro
     assert got.dtype == kind and got.shape == (rows, heads * head)
     assert error(got, want.reshape(rows, -1)) < 2 * max(torch.finfo(kind).eps, 1e-6)
     assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+    if kind == torch.bfloat16:  # the float32 sums it takes, written to nearest even (as Tensor.to does)
+        floats = (t.float() for t in (qkv.reshape(rows, -1), keys, values))
+        wide = torch.ops.bloom_native.cached_attention(*floats, 1, row0, first, column, bias.float(), variant)
+        assert torch.equal(got, wide.bfloat16())
 
 
 @pytest.mark.parametrize("kind", [torch.bfloat16, torch.float32, torch.float16])

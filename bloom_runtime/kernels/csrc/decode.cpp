@@ -598,14 +598,15 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& keys, const
   TORCH_CHECK(bias.dim() == 4 && bias.size(0) == B && bias.size(1) == H && bias.size(3) == T &&
                   bias.stride(3) == 1,
               "bloom_native: cached_attention takes bias [B, H, 1, T] with its positions contiguous");
-  at::Tensor out = at::empty({B, H * D}, qkv.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({B, H * D}, qkv.options());  // written in qkv's dtype here: no cast op after
   bool bf16 = qkv.scalar_type() == at::kBFloat16;
   int64_t size = qkv.element_size();
   float scale = 1.0f / std::sqrt(float(D));
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    thread_local std::vector<float> scores, bias_row;
+    thread_local std::vector<float> scores, bias_row, head_out;
     float* s = scratch(scores, T + var.i4_lanes);  // attend pads the scores to whole vectors
     float* bp = scratch(bias_row, T);
+    float* ho = scratch(head_out, D);
     for (int64_t i = i0; i < i1; i++) {
       int64_t r = i / H, h = i % H;
       const char* q = static_cast<const char*>(qkv.data_ptr()) + (r * H * 3 + h * 3) * D * size;
@@ -617,16 +618,19 @@ at::Tensor cached_attention(const at::Tensor& qkv, const at::Tensor& keys, const
       const char* row = static_cast<const char*>(bias.data_ptr()) +
                         (r * bias.stride(0) + h * bias.stride(1)) * bias.element_size();
       floats(bias.scalar_type(), row, T, bp);
-      float* op = out.data_ptr<float>() + i * D;
-      if (bf16)
+      if (bf16) {
         var.attend_bf16(reinterpret_cast<const uint16_t*>(q), reinterpret_cast<const uint16_t*>(k) + first * D,
-                        reinterpret_cast<const uint16_t*>(v) + first * D, bp, T, D, scale, s, op);
-      else
+                        reinterpret_cast<const uint16_t*>(v) + first * D, bp, T, D, scale, s, ho);
+        at::BFloat16* op = out.data_ptr<at::BFloat16>() + i * D;
+        for (int64_t d = 0; d < D; d++) op[d] = at::BFloat16(ho[d]);  // to nearest even, as Tensor.to rounds
+      } else {
         var.attend_f32(reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k) + first * D,
-                       reinterpret_cast<const float*>(v) + first * D, bp, T, D, scale, s, op);
+                       reinterpret_cast<const float*>(v) + first * D, bp, T, D, scale, s,
+                       out.data_ptr<float>() + i * D);
+      }
     }
   });
-  return cast_out(out, qkv.scalar_type());
+  return out;
 }
 
 // Each row's first maximum of logits [B, V] (float32, bfloat16 or float16, rows contiguous): the greedy
