@@ -171,10 +171,11 @@ def test_tp_cuts_row_parallel_int4_layers_on_group_boundaries(hidden, ok):
 
 @pytest.mark.parametrize("variant", ["avx2", "avx512", "avx512-vnni"])
 def test_w4a8_blocks_hold_the_int4_weights_once_and_give_them_back(monkeypatch, variant):
-    """The outer-product kernel lays the int4 weights out in blocks at load, in place of the packed
-    words. Guards the blocks kept beside the words (twice the int4 bytes), a `state_dict` that loses
-    or scrambles them (the blocks' inverse), and an int4 head whose lookups read the wrong row of a
-    block (ids at block edges: 15, 16, the last)."""
+    """The outer-product kernel lays the int4 weights and their scales out in blocks at load, in place
+    of the packed words and the scales. Guards the blocks kept beside the words (twice the int4 bytes)
+    or the scales, a `state_dict` that loses or scrambles either (the blocks' inverse), and an int4 head
+    whose lookups read the wrong row of a block, for values or scales (ids at block edges: 15, 16, the
+    last)."""
     kernel = f"native-tiled-{variant}"
     if native.unavailable(variant):
         pytest.skip(f"{kernel}: {native.unavailable(variant)}")
@@ -182,7 +183,8 @@ def test_w4a8_blocks_hold_the_int4_weights_once_and_give_them_back(monkeypatch, 
     tiled = br.load("tiny", dtype="bfloat16", quant="w4a8")
     plain = br.load("tiny", dtype="bfloat16", quant="w4a8", pack=False)
     int4 = [m for m in tiled.model.modules() if isinstance(m, Int4Weights)]
-    assert int4 and all(set(m.kernels) == {kernel} and "weight_packed" not in m._parameters for m in int4)
+    dropped = {"weight_packed", "weight_scale"}
+    assert int4 and all(set(m.kernels) == {kernel} and not dropped & set(m._parameters) for m in int4)
     a, b = tiled.model.state_dict(), plain.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in b)
     vocab = tiled.config.vocab_size

@@ -120,15 +120,16 @@ def test_a_rows_float_sums_do_not_depend_on_the_rows_batched_with_it(variant, ke
     x = torch.randn(17, 1037, generator=g).to(torch.bfloat16)
     ops = torch.ops.bloom_native
     values = torch.randint(-8, 8, (67, 1024), generator=g, dtype=torch.int8)
-    int4 = {"w4a8": pack_to_int32(values, 4), "w4a8_tiled": int4_blocks(values)}
     group_scale = torch.rand(67, 1024 // 128, generator=g) * 0.02
+    int4 = {"w4a8": (pack_to_int32(values, 4), group_scale),
+            "w4a8_tiled": (int4_blocks(values, group_scale, 128), 67)}
 
     def run(rows: torch.Tensor) -> torch.Tensor:
         if kernel == "dense16":
             return ops.dense16(rows, w.to(torch.bfloat16), None, variant).float()
         if kernel.startswith("w4a8"):
-            return getattr(ops, kernel)(rows[:, :1024].float(), None, int4[kernel], group_scale, 128, None,
-                                        torch.float32, variant)
+            return getattr(ops, kernel)(rows[:, :1024].float(), None, *int4[kernel], 128, None, torch.float32,
+                                        variant)
         return ops.w8a16(rows.float(), (w * 1000).to(torch.int8), torch.full((67,), 1e-3), variant)
 
     batched = run(x)
@@ -173,23 +174,27 @@ def test_w4a8_sums_each_step_exactly(variant, rows, outputs, inputs, group, form
     sum, per lane or per group), a correction read for the wrong step or row, a scale of the wrong
     group, and pair sums that saturate: the extreme nibbles against runs of -128 and 127 leave float32
     scaling as the only error. Per-row and per-tensor scales; the bias and the output dtype in the
-    epilogue. The outer-product form (its weights in blocks) also: a block of 16 columns cut by the
-    last output (a read past the blocks or the scales faults: they end a page), a line's nibbles
-    taken as the wrong quad, and a tile of 8 rows plus one (9 rows)."""
+    epilogue. The outer-product form (its weights in blocks, each group's scales after its lines) also:
+    a block of 16 columns cut by the last output (a read past the blocks or the scales faults: they end
+    a page), a line's nibbles taken as the wrong quad, a scale line read as weights or another group's
+    scales taken, and a tile of 8 rows plus one (9 rows)."""
     g = torch.Generator().manual_seed(rows + outputs + inputs + group)
     w = torch.randint(-8, 8, (outputs, inputs), generator=g, dtype=torch.int8)
     w[:, ::7] = -8
     w[:, 3::7] = 7
-    scale = before_an_unreadable_page(torch.rand(outputs, inputs // group, generator=g) * 0.02 + 1e-3)
-    weights = before_an_unreadable_page(int4_blocks(w) if form == "w4a8_tiled" else pack_to_int32(w, 4))
+    scale = torch.rand(outputs, inputs // group, generator=g) * 0.02 + 1e-3
+    if form == "w4a8_tiled":  # the blocks hold the scales: their last line is the last group's
+        weights = (before_an_unreadable_page(int4_blocks(w, scale, group)), outputs)
+    else:
+        weights = (before_an_unreadable_page(pack_to_int32(w, 4)), before_an_unreadable_page(scale))
     q = misaligned(full_range_int8(rows, inputs, generator=g))
     bias = torch.randn(outputs, generator=g).to(torch.bfloat16)
     exact = q.double() @ (w.double() * scale.double().repeat_interleave(group, dim=1)).t()
     op = getattr(torch.ops.bloom_native, form)
     for x_scale in (torch.rand(rows, 1, generator=g) + 0.5, torch.tensor([0.75])):
-        got = op(q, x_scale, weights, scale, group, bias, torch.float32, variant)
+        got = op(q, x_scale, *weights, group, bias, torch.float32, variant)
         assert error(got, exact * x_scale.double() + bias.double()) < 1e-6
-        got16 = op(q, x_scale, weights, scale, group, None, torch.bfloat16, variant)
+        got16 = op(q, x_scale, *weights, group, None, torch.bfloat16, variant)
         assert got16.dtype == torch.bfloat16
         assert error(got16, exact * x_scale.double()) < 2 * torch.finfo(torch.bfloat16).eps
 
@@ -314,9 +319,10 @@ def test_float_rows_are_quantized_inside_the_call_as_quantize_rows_does(variant,
     if inputs % 256 == 0:  # whole groups of W4A8's 128 inputs, and whole steps of every variant
         values = torch.randint(-8, 8, (outputs, inputs), generator=g, dtype=torch.int8)
         group_scale = torch.rand(outputs, inputs // 128, generator=g) * 0.02
-        for op, weights in ((ops.w4a8, pack_to_int32(values, 4)), (ops.w4a8_tiled, int4_blocks(values))):
-            want = op(q, scale, weights, group_scale, 128, bias, torch.float32, variant)
-            assert torch.equal(op(x, None, weights, group_scale, 128, bias, torch.float32, variant), want)
+        for op, weights in ((ops.w4a8, (pack_to_int32(values, 4), group_scale)),
+                            (ops.w4a8_tiled, (int4_blocks(values, group_scale, 128), outputs))):
+            want = op(q, scale, *weights, 128, bias, torch.float32, variant)
+            assert torch.equal(op(x, None, *weights, 128, bias, torch.float32, variant), want)
 
 
 def test_every_variant_is_a_candidate_the_probe_checks_and_times():

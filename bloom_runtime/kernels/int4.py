@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import SimpleNamespace
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -136,64 +135,89 @@ class NativeW4A8(NativeKernel, Int8Input):
     def tolerance(cls, problem: Problem) -> float:
         return 1e-6  # exact sums a step; float32 across steps
 
-    op: ClassVar[str] = "w4a8"  # the library's op for this form
-
-    def weights(self, owner) -> torch.Tensor:
-        """The int4 weights the op reads: the owner's packed words."""
-        return owner.weight_packed
-
     def bind(self, owner) -> Callable[..., torch.Tensor]:
-        op, index = getattr(torch.ops.bloom_native, self.op).default, self.index
-        tensors = (self.weights(owner), owner.weight_scale, owner.GROUP, owner.bias)
+        op, index = torch.ops.bloom_native.w4a8.default, self.index
+        tensors = (owner.weight_packed, owner.weight_scale, owner.GROUP, owner.bias)
         return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
 
 
 class NativeW4A8Tiled(NativeW4A8):
     """The same sums as outer products: 16 output columns a vector, each activation quad broadcast,
     each group's sums exact in int32 and scaled once (variant.h's block_tile), on weights laid out in
-    blocks at load (`int4_blocks`). The blocks replace the module's packed words (held once);
-    `state_dict`, and an int4 head's lookups, read the values back from them."""
+    blocks at load with their scales among them (`int4_blocks`), so that one row reads one stream. The
+    blocks replace the module's packed words and scales (held once); `state_dict`, and an int4 head's
+    lookups, read both back from them."""
 
-    op = "w4a8_tiled"
-    drops = ("weight_packed",)
+    drops = ("weight_packed", "weight_scale")
 
     def __init__(self, owner) -> None:
         super().__init__(owner)
         values = owner.int4_values()
-        self.outputs = values.shape[0]
-        self.register_buffer("blocks", int4_blocks(values), persistent=False)
+        self.outputs, self.group = values.shape[0], owner.GROUP
+        self.register_buffer("blocks", int4_blocks(values, owner.weight_scale, self.group), persistent=False)
 
-    def weights(self, owner) -> torch.Tensor:
-        return self.blocks
+    def bind(self, owner) -> Callable[..., torch.Tensor]:
+        op, index = torch.ops.bloom_native.w4a8_tiled.default, self.index
+        tensors = (self.blocks, self.outputs, self.group, owner.bias)
+        return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
 
     def values(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The int4 values (int8 in [-8, 7]) of every output row, or of rows `ids`."""
-        return block_values(self.blocks, self.outputs, ids)
+        return block_values(self.blocks, self.outputs, self.group, ids)
+
+    def scales(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 group scales of every output row, or of rows `ids`."""
+        return block_scales(self.blocks, self.outputs, self.group, ids)
 
     def restore(self, name: str) -> torch.Tensor:
-        return pack_to_int32(self.values(), BITS)
+        return pack_to_int32(self.values(), BITS) if name == "weight_packed" else self.scales()
 
 
-def int4_blocks(values: torch.Tensor) -> torch.Tensor:
-    """int4 values [N, K] (int8 in [-8, 7]) as the outer products' blocks [ceil(N / 16), K / 8, 64]
-    uint8: block b, line p, byte 4c + i holds row 16b + c's inputs 8p + i (low nibble) and 8p + 4 + i
-    (high), each q + 8 (rows past N are zeros, never read back)."""
+def int4_blocks(values: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """int4 values [N, K] (int8 in [-8, 7]) and their float32 scales [N, K / group] as the outer products'
+    blocks [ceil(N / 16), K / 8 + K / group, 64] uint8. Block b holds rows 16b .. 16b + 15, group after
+    group: the group's group / 8 lines, line p's byte 4c + i holding row 16b + c's inputs 8p + i (low
+    nibble) and 8p + 4 + i (high) of the group, each q + 8; then a line of the 16 rows' scales of that
+    group (rows past N are zeros, never read back)."""
     n, k = values.shape
-    nibbles = F.pad((values.to(torch.int16) + 8).to(torch.uint8), (0, 0, 0, -n % BLOCK))
-    quads = nibbles.view(-1, BLOCK, k // 8, 2, 4)  # [block, c, p, which quad of the line, i]
-    lines = quads[:, :, :, 0] | (quads[:, :, :, 1] << 4)
-    return lines.permute(0, 2, 1, 3).reshape(-1, k // 8, 4 * BLOCK).contiguous()
+    groups, lines, pad = k // group, group // 8, -n % BLOCK
+    nibbles = F.pad((values.to(torch.int16) + 8).to(torch.uint8), (0, 0, 0, pad))
+    quads = nibbles.view(-1, BLOCK, groups, lines, 2, 4)  # [block, c, g, p, which quad of the line, i]
+    weights = (quads[..., 0, :] | (quads[..., 1, :] << 4)).permute(0, 2, 3, 1, 4)  # [block, g, p, c, i]
+    scales = F.pad(scale.float(), (0, 0, 0, pad)).view(-1, BLOCK, groups).transpose(1, 2)  # [block, g, c]
+    scale_lines = scales.contiguous().view(torch.uint8).view(-1, groups, 1, 4 * BLOCK)
+    blocks = torch.cat([weights.reshape(-1, groups, lines, 4 * BLOCK), scale_lines], dim=2)
+    return blocks.view(-1, groups * (lines + 1), 4 * BLOCK)
 
 
-def block_values(blocks: torch.Tensor, outputs: int, ids: torch.Tensor | None = None) -> torch.Tensor:
-    """`int4_blocks`'s inverse: the values [outputs, K] (int8), or those of rows `ids` [len(ids), K]."""
-    lines = blocks.view(blocks.shape[0], blocks.shape[1], BLOCK, 4)  # [block, p, c, i]
+def _group_lines(blocks: torch.Tensor, group: int) -> torch.Tensor:
+    """`int4_blocks`'s blocks as [block, g, group / 8 + 1, 64]: each group's lines, its scales last."""
+    lines = group // 8
+    return blocks.view(blocks.shape[0], -1, lines + 1, 4 * BLOCK)
+
+
+def block_values(blocks: torch.Tensor, outputs: int, group: int, ids: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """`int4_blocks`'s values back: [outputs, K] (int8), or those of rows `ids` [len(ids), K]."""
+    grouped = _group_lines(blocks, group)
+    weights = grouped[:, :, :-1].unflatten(-1, (BLOCK, 4))  # [block, g, p, c, i]
     if ids is None:
-        rows = lines.permute(0, 2, 1, 3).reshape(-1, blocks.shape[1], 4)[:outputs]
+        rows = weights.permute(0, 3, 1, 2, 4).flatten(2, 3).flatten(0, 1)[:outputs]  # [row, g p, i]
     else:
-        rows = lines[ids // BLOCK, :, ids % BLOCK]  # [len(ids), p, i]
-    nibbles = torch.stack([rows & 15, rows >> 4], dim=-2)  # [row, p, which quad, i]
+        rows = weights[ids // BLOCK, :, :, ids % BLOCK].flatten(1, 2)  # [len(ids), g p, i]
+    nibbles = torch.stack([rows & 15, rows >> 4], dim=-2)  # [row, line, which quad, i]
     return nibbles.reshape(rows.shape[0], -1).to(torch.int8) - 8
+
+
+def block_scales(blocks: torch.Tensor, outputs: int, group: int, ids: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """`int4_blocks`'s scales back: [outputs, K / group] (float32), or those of rows `ids`."""
+    grouped = _group_lines(blocks, group)
+    if ids is None:
+        scales = grouped[:, :, -1].contiguous().view(torch.float32)  # [block, g, c]
+        return scales.transpose(1, 2).reshape(-1, grouped.shape[1])[:outputs]
+    lines = grouped[ids // BLOCK, :, -1].contiguous().view(torch.float32)  # [len(ids), g, c]
+    return lines[torch.arange(len(ids), device=ids.device), :, ids % BLOCK]
 
 
 class Float32W4A8(Int8Input):

@@ -30,8 +30,10 @@ class KernelOwner(nn.Module):
 
     def prepare_kernels(self, dtype: torch.dtype) -> None:
         """Choose and build this module's kernel(s) for activations of `dtype` (once)."""
+        if self.decision is not None:
+            return
         problem = self.kernel_problem(dtype)
-        if problem is None or self.decision is not None:
+        if problem is None:
             return
         decision = selector().decide(problem)
         built = {name: candidate(problem.role, name)(self) for name in sorted(set(decision.serves.values()))}

@@ -64,7 +64,7 @@ def extra_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             extra[f"{HEAD_NAME}.weight_scale"] = module.weight_scale.detach().clone()
         if isinstance(module, int4.Int4Weights):
             module.check_storable(name)
-            extra[f"{PREFIX}{name}.weight_shape"] = torch.tensor([module.weight_scale.shape[0],
+            extra[f"{PREFIX}{name}.weight_shape"] = torch.tensor([module.int4_scales().shape[0],
                                                                   module.in_features])
     return extra
 

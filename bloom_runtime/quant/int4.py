@@ -78,14 +78,23 @@ class Int4Weights(Scheme):
         """q int8 [N, K'] in [-8, 7], K' the padded width (what the kernels are built from), or the rows
         `ids` of it: from the packed words, or from the kernel that took them over (held once)."""
         if "weight_packed" not in self._parameters:
-            keeper = next(k for k in self.kernels.values() if "weight_packed" in k.drops)
-            return keeper.values(ids)
+            return self._keeper("weight_packed").values(ids)
         return unpack(self.weight_packed if ids is None else F.embedding(ids, self.weight_packed))
 
+    def int4_scales(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 group scales [N, K' / GROUP], or the rows `ids` of them: the module's own, or those of
+        the kernel that took them over (held once, beside the values they scale)."""
+        if "weight_scale" not in self._parameters:
+            return self._keeper("weight_scale").scales(ids)
+        return self.weight_scale if ids is None else F.embedding(ids, self.weight_scale)
+
+    def _keeper(self, name: str) -> nn.Module:
+        return next(k for k in self.kernels.values() if name in k.drops)
+
     def kernel_problem(self, dtype: torch.dtype) -> Problem:
-        rows, groups = self.weight_scale.shape  # the packed words may be a kernel's by now
-        device = self.weight_scale.device
-        return Problem.of(self.ROLE, rows, groups * self.GROUP, device, dtype, group=self.GROUP)
+        scale = self.int4_scales()
+        rows, groups = scale.shape
+        return Problem.of(self.ROLE, rows, groups * self.GROUP, scale.device, dtype, group=self.GROUP)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] @ w^T in x's dtype."""
@@ -175,7 +184,7 @@ class Int4TiedEmbedding(Int4Weights, TiedEmbedding):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         q = self.int4_values(input_ids.reshape(-1))
-        scale = F.embedding(input_ids.reshape(-1), self.weight_scale).repeat_interleave(self.GROUP, dim=1)
+        scale = self.int4_scales(input_ids.reshape(-1)).repeat_interleave(self.GROUP, dim=1)
         rows = (q.float() * scale)[:, : self.in_features]
         return rows.to(self.compute_dtype).view(*input_ids.shape, -1)
 

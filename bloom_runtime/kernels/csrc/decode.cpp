@@ -100,7 +100,8 @@ using I4Bf16Rows = void (*)(const uint8_t*, const float*, int64_t, const uint16_
                             int64_t, float*, int64_t);
 using I4x8Rows = void (*)(const uint8_t*, const float*, int64_t, const int8_t*, const int32_t*, int64_t, int64_t,
                           int64_t, int64_t, float*, int64_t);
-using I4x8Blocks = I4x8Rows;  // the same arguments: blocks, q itself and each group's sums
+using I4x8Blocks = void (*)(const uint8_t*, int64_t, const int8_t*, const int32_t*, int64_t, int64_t, int64_t,
+                            int64_t, float*, int64_t);  // the blocks (scales among them), q itself, its group sums
 template <class T>
 using Attend = void (*)(const T*, const T*, const T*, const float*, int64_t, int64_t, float, float*, float*);
 template <class T>
@@ -468,36 +469,26 @@ void prepare_i4x8(const int8_t* q, int64_t M, int64_t K, int64_t H, int64_t lane
 }
 
 // How a W4A8 op's weights come and which kernel sums them: packed rows by the row tiles (each step
-// summed exactly), or blocks of 16 columns laid out at load by outer products (each group summed
-// exactly; variant.h).
+// summed exactly), or blocks of 16 columns laid out at load, their scales among them, by outer products
+// (each group summed exactly; variant.h).
 enum class I4x8Form { Rows, Tiled };
 
-// (q @ w^T) * x_scale + bias in out_dtype for int8 q [M, K] and int4 weights with float32 scales
-// [N, K / group]: compressed-tensors' packed words [N, K / 8] (Rows) or blocks
-// [ceil(N / 16), K / 8, 64] uint8 (Tiled). Each group's products summed exactly in int32 (or each
-// step's), times its scale, summed in float32. x_scale: [M, 1] (per row), one number, or None (q:
-// float rows, quantized here; see int8_rows).
-at::Tensor w4a8_form(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& weights,
-                     const at::Tensor& scale, int64_t group, const c10::optional<at::Tensor>& bias,
-                     at::ScalarType out_dtype, int64_t index, I4x8Form form) {
-  const Variant& v = variant(index);
-  int64_t N, K, M = q.size(0);
-  if (form == I4x8Form::Tiled) {
-    TORCH_CHECK(scale.dim() == 2, "bloom_native: w4a8_tiled takes scales [N, K / group]");
-    N = scale.size(0), K = weights.size(1) * 8;
-    TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous() && weights.dim() == 3 &&
-                    weights.size(0) == (N + 15) / 16 && weights.size(2) == 64,
-                "bloom_native: w4a8_tiled takes contiguous uint8 blocks [ceil(N / 16), K / 8, 64]");
-  } else {
-    N = weights.size(0), K = weights.size(1) * 8;
-    check_rows(weights, "packed", K / 8);
-    TORCH_CHECK(weights.scalar_type() == at::kInt, "bloom_native: w4a8 takes int32 packed words");
-  }
-  check_rows(q, "q", K);
+// Groups of `group` inputs that the variant's steps fill, dividing K.
+void check_group(int64_t group, int64_t K, const Variant& v) {
   int64_t step = 2 * v.i4x8_half;
-  TORCH_CHECK(group % step == 0 && (group & (group - 1)) == 0 && K % group == 0, "bloom_native: group ", group,
-              " must be a power of two, whole steps of ", step, " inputs, dividing ", K);
-  check_vector(scale, "scale", N * (K / group), at::kFloat);
+  TORCH_CHECK(group > 0 && group % step == 0 && (group & (group - 1)) == 0 && K % group == 0, "bloom_native: group ",
+              group, " must be a power of two, whole steps of ", step, " inputs, dividing ", K);
+}
+
+// (q @ w^T) * x_scale + bias in out_dtype for int8 q [M, K] and N outputs of int4 weights (`weights`, in
+// `form`; the Rows form's float32 scales [N, K / group] at `scale`). Each group's products summed exactly
+// in int32 (or each step's), times its scale, summed in float32. x_scale: [M, 1] (per row), one number,
+// or None (q: float rows, quantized here; see int8_rows).
+at::Tensor w4a8_form(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const uint8_t* weights,
+                     const float* scale, int64_t N, int64_t K, int64_t group, const c10::optional<at::Tensor>& bias,
+                     at::ScalarType out_dtype, const Variant& v, I4x8Form form) {
+  int64_t M = q.size(0), step = 2 * v.i4x8_half, log2_group = __builtin_ctzll(group);
+  check_rows(q, "q", K);
   const float* bp = float_bias(bias, N);
   Int8Rows rows = int8_rows(q, x_scale);
   thread_local std::vector<int8_t> prepared;
@@ -519,25 +510,45 @@ at::Tensor w4a8_form(const at::Tensor& q, const c10::optional<at::Tensor>& x_sca
   }
   at::Tensor sums = at::empty({M, N}, q.options().dtype(at::kFloat));
   float* sp = sums.data_ptr<float>();
-  auto w = static_cast<const uint8_t*>(weights.data_ptr());
-  I4x8Rows kernel = form == I4x8Form::Rows ? v.i4x8 : v.i4x8_tiled;
   over_outputs(N, K / 2, [&](int64_t n0, int64_t n1) {
-    kernel(w, scale.data_ptr<float>(), __builtin_ctzll(group), xp, cp, M, K, n0, n1, sp, N);
+    if (form == I4x8Form::Rows)
+      v.i4x8(weights, scale, log2_group, xp, cp, M, K, n0, n1, sp, N);
+    else
+      v.i4x8_tiled(weights, log2_group, xp, cp, M, K, n0, n1, sp, N);
     for (int64_t m = 0; m < M; m++) scale_and_bias(sp + m * N, n0, n1, rows.scale[rows.per_row ? m : 0], bp);
   }, form == I4x8Form::Rows ? 4 : 16);
   return cast_out(sums, out_dtype);
 }
 
+// W4A8 on compressed-tensors' packed words [N, K / 8] int32 with float32 scales [N, K / group].
 at::Tensor w4a8(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& packed,
                 const at::Tensor& scale, int64_t group, const c10::optional<at::Tensor>& bias,
                 at::ScalarType out_dtype, int64_t index) {
-  return w4a8_form(q, x_scale, packed, scale, group, bias, out_dtype, index, I4x8Form::Rows);
+  const Variant& v = variant(index);
+  int64_t N = packed.size(0), K = packed.size(1) * 8;
+  check_rows(packed, "packed", K / 8);
+  TORCH_CHECK(packed.scalar_type() == at::kInt, "bloom_native: w4a8 takes int32 packed words");
+  check_group(group, K, v);
+  check_vector(scale, "scale", N * (K / group), at::kFloat);
+  return w4a8_form(q, x_scale, static_cast<const uint8_t*>(packed.data_ptr()), scale.data_ptr<float>(), N, K,
+                   group, bias, out_dtype, v, I4x8Form::Rows);
 }
 
+// W4A8 on blocks laid out at load, [ceil(N / 16), K / 8 + K / group, 64] uint8 holding `outputs` = N
+// columns and their scales (bloom_runtime/kernels/int4.py's int4_blocks); K is q's width.
 at::Tensor w4a8_tiled(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& blocks,
-                      const at::Tensor& scale, int64_t group, const c10::optional<at::Tensor>& bias,
+                      int64_t outputs, int64_t group, const c10::optional<at::Tensor>& bias,
                       at::ScalarType out_dtype, int64_t index) {
-  return w4a8_form(q, x_scale, blocks, scale, group, bias, out_dtype, index, I4x8Form::Tiled);
+  const Variant& v = variant(index);
+  int64_t N = outputs, K = q.dim() == 2 ? q.size(1) : 0;
+  check_group(group, K, v);
+  TORCH_CHECK(N > 0 && blocks.device().is_cpu() && blocks.scalar_type() == at::kByte && blocks.is_contiguous() &&
+                  blocks.dim() == 3 &&
+                  blocks.size(0) == (N + 15) / 16 && blocks.size(1) == K / 8 + K / group && blocks.size(2) == 64,
+              "bloom_native: w4a8_tiled takes contiguous uint8 blocks [ceil(N / 16), K / 8 + K / group, 64] for ",
+              N, " outputs of ", K, " inputs");
+  return w4a8_form(q, x_scale, static_cast<const uint8_t*>(blocks.data_ptr()), nullptr, N, K, group, bias,
+                   out_dtype, v, I4x8Form::Tiled);
 }
 
 // x [M, K] @ weight^T + bias for bfloat16 or float16 x and weight, in their dtype.
@@ -715,7 +726,7 @@ TORCH_LIBRARY(bloom_native, m) {
   m.def("w4a16(Tensor x, Tensor packed, Tensor scale, int group, int variant) -> Tensor");
   m.def("w4a8(Tensor q, Tensor? x_scale, Tensor packed, Tensor scale, int group, Tensor? bias, "
         "ScalarType out_dtype, int variant) -> Tensor");
-  m.def("w4a8_tiled(Tensor q, Tensor? x_scale, Tensor blocks, Tensor scale, int group, Tensor? bias, "
+  m.def("w4a8_tiled(Tensor q, Tensor? x_scale, Tensor blocks, int outputs, int group, Tensor? bias, "
         "ScalarType out_dtype, int variant) -> Tensor");
   m.def("dense16(Tensor x, Tensor weight, Tensor? bias, int variant) -> Tensor");
   m.def("greedy(Tensor logits, int variant) -> Tensor");

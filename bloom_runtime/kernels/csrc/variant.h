@@ -467,14 +467,16 @@ static void i4x8_rows(const uint8_t* w, const float* scale, int64_t log2_group, 
 // The row tiles above sum along K inside a vector, so that every (row, column, step) ends in a conversion
 // and a multiply-add of its own, and the int4 x int8 products ran at a quarter of the int8 peak with
 // 128 rows. Here a vector's int32 lanes are NB output columns instead, on weights in blocks: block b
-// holds columns [NB b, NB b + NB) as K / 8 lines of 64 bytes, line p byte 4c + i holding column c's
-// inputs 8p + i (low nibble) and 8p + 4 + i (high nibble), each q + 8. A line is two quads of inputs
-// for every column; each activation quad is broadcast to every lane, and a group's sums for OR rows x
-// NB columns stay in int32 registers, converted and scaled once a group. The weights are laid out so
-// at load (in place of the packed rows: held once); laying them out per call from the packed rows, by
-// gathers, cost more than the products below about 32 rows. At one row the blocks are a single
-// sequential stream, as the rows are. A row's sums do not depend on the rows batched with it: each
-// output takes its groups in order, whatever the tile.
+// holds columns [NB b, NB b + NB), group after group, each as its group / 8 lines of 64 bytes and then
+// one line of the NB columns' float32 scales. A weight line p of a group has byte 4c + i holding column
+// c's inputs 8p + i (low nibble) and 8p + 4 + i (high nibble) of the group, each q + 8: two quads of
+// inputs for every column. Each activation quad is broadcast to every lane, and a group's sums for OR
+// rows x NB columns stay in int32 registers, converted and scaled once a group by the line after it.
+// The blocks are laid out at load (in place of the packed rows and the scales: held once); laying them
+// out per call by gathers cost more than the products below about 32 rows, and gathering each block's
+// scales per call cost a fifth of a one-row call. At one row the blocks are a single sequential stream,
+// scales included. A row's sums do not depend on the rows batched with it: each output takes its groups
+// in order, whatever the tile.
 constexpr int NB = 16;  // columns of a block: the int32 lanes of a 64-byte vector
 constexpr int OV = NB / F;  // vectors a line of a block takes
 constexpr int OR = VBYTES == 64 ? 8 : 2;  // rows a weight vector serves: OR x OV int32 and float accumulators
@@ -497,8 +499,8 @@ static inline vi dot4(vi acc, vi w, vi x) {
 // R rows of x (K apart) against a block: out's rows (ldo apart) get columns [0, nc) of the sum over
 // groups of the group's scale x (its exact int32 sum - 8 x the activations' sum over the group).
 template <int R>
-static void block_tile(const uint8_t* block, const float* scales, const int8_t* x, const int32_t* xsum,
-                       int64_t K, int64_t log2_group, float* out, int64_t ldo, int64_t nc) {
+static void block_tile(const uint8_t* block, const int8_t* x, const int32_t* xsum, int64_t K,
+                       int64_t log2_group, float* out, int64_t ldo, int64_t nc) {
   // Sums c of a (row, vector): even c take low nibbles, odd c high ones. With few rows a line's products
   // would wait on one another (vpdpbusd adds into its accumulator), so C = 4 independent sums over
   // LINES = 2 lines a pass. VNNI multiplies unsigned weight bytes, so a high nibble is taken in place
@@ -511,13 +513,14 @@ static void block_tile(const uint8_t* block, const float* scales, const int8_t* 
   for (int r = 0; r < R; r++)
     for (int v = 0; v < OV; v++) acc[r][v] = vf{};
   for (int64_t g = 0; g < groups; g++) {
+    const uint8_t* group = block + g * (lines_a_group + 1) * 64;  // its weight lines, then its scales
     vi sum[R][OV][C];
     for (int r = 0; r < R; r++)
       for (int v = 0; v < OV; v++)
         for (int c = 0; c < C; c++) sum[r][v][c] = vi{};
-    for (int64_t p = g * lines_a_group; p < (g + 1) * lines_a_group; p += LINES) {
+    for (int64_t p = 0; p < lines_a_group; p += LINES) {
       for (int u = 0; u < LINES; u++) {
-        const uint8_t* line = block + (p + u) * 64;
+        const uint8_t* line = group + (p + u) * 64;
         // With several rows a line takes longer than the prefetchers' pace: ask for the line 4 KB ahead
         // (the blocks are one stream; past their end no load reads it, and a prefetch never faults).
         // On the EPYC this was written on, non-temporally: 8 rows of the head 7.7 -> 6.4 ms, of
@@ -530,7 +533,7 @@ static void block_tile(const uint8_t* block, const float* scales, const int8_t* 
           high[v] = HIGH_IN_PLACE ? bytes & int32_t(0xF0F0F0F0) : (bytes >> 4) & 0x0F0F0F0F;
         }
         for (int r = 0; r < R; r++) {
-          const int8_t* xr = x + r * K + 8 * (p + u);
+          const int8_t* xr = x + r * K + (g << log2_group) + 8 * (p + u);
           vi first = vi{} + load<int32_t>(xr), second = vi{} + load<int32_t>(xr + 4);
           for (int v = 0; v < OV; v++) {
             vi& a = sum[r][v][(2 * u) % C];
@@ -541,13 +544,14 @@ static void block_tile(const uint8_t* block, const float* scales, const int8_t* 
         }
       }
     }
+    const float* scales = reinterpret_cast<const float*>(group + lines_a_group * 64);
     for (int r = 0; r < R; r++) {
       vi offset = vi{} + 8 * xsum[r * groups + g];
       for (int v = 0; v < OV; v++) {
         vi low = sum[r][v][0], high = C > 1 ? sum[r][v][1] : vi{};
         for (int c = 2; c < C; c++) (c % 2 ? high : low) += sum[r][v][c];
         vi total = (HIGH_IN_PLACE ? low + (high >> 4) : low + high) - offset;
-        acc[r][v] += __builtin_convertvector(total, vf) * load<vf>(scales + g * NB + v * F);
+        acc[r][v] += __builtin_convertvector(total, vf) * load<vf>(scales + v * F);
       }
     }
   }
@@ -556,37 +560,27 @@ static void block_tile(const uint8_t* block, const float* scales, const int8_t* 
 
 // The last rows < OR against a block: the tile of their count.
 template <int R>
-static void block_rest(int64_t rows, const uint8_t* block, const float* scales, const int8_t* x,
-                       const int32_t* xsum, int64_t K, int64_t log2_group, float* out, int64_t ldo, int64_t nc) {
+static void block_rest(int64_t rows, const uint8_t* block, const int8_t* x, const int32_t* xsum, int64_t K,
+                       int64_t log2_group, float* out, int64_t ldo, int64_t nc) {
   if constexpr (R > 0) {
-    if (rows == R) return block_tile<R>(block, scales, x, xsum, K, log2_group, out, ldo, nc);
-    block_rest<R - 1>(rows, block, scales, x, xsum, K, log2_group, out, ldo, nc);
+    if (rows == R) return block_tile<R>(block, x, xsum, K, log2_group, out, ldo, nc);
+    block_rest<R - 1>(rows, block, x, xsum, K, log2_group, out, ldo, nc);
   }
 }
 
-// Columns [nb, nb + nc) of out [M, ldo] from the block holding them: x [M, K] int8, xsum [M, K / group]
-// each group's sum of a row, scale [N, K / group] the weights' (its columns gathered once here).
-static void block_rows(const uint8_t* block, const float* scale, int64_t log2_group, const int8_t* x,
-                       const int32_t* xsum, int64_t M, int64_t K, int64_t nb, int64_t nc, float* out, int64_t ldo) {
-  int64_t groups = K >> log2_group;
-  thread_local std::vector<float> scales;
-  scales.resize(groups * NB);
-  for (int64_t g = 0; g < groups; g++)
-    for (int64_t c = 0; c < NB; c++) scales[g * NB + c] = c < nc ? scale[(nb + c) * groups + g] : 0.0f;
-  int64_t m = 0;
-  for (; m + OR <= M; m += OR)
-    block_tile<OR>(block, scales.data(), x + m * K, xsum + m * groups, K, log2_group, out + m * ldo + nb, ldo, nc);
-  block_rest<OR - 1>(M - m, block, scales.data(), x + m * K, xsum + m * groups, K, log2_group, out + m * ldo + nb,
-                     ldo, nc);
-}
-
 // Columns [n0, n1) of out [M, ldo] (n0 a multiple of NB) from weights laid out in blocks at load
-// ([ceil(N / NB), K / 8, 64] bytes; bloom_runtime/kernels/int4.py's int4_blocks).
-static void i4x8_tiled(const uint8_t* blocks, const float* scale, int64_t log2_group, const int8_t* x,
-                       const int32_t* xsum, int64_t M, int64_t K, int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  for (int64_t nb = n0; nb < n1; nb += NB)
-    block_rows(blocks + nb * (K / 2), scale, log2_group, x, xsum, M, K, nb, std::min<int64_t>(NB, n1 - nb), out,
-               ldo);
+// ([ceil(N / NB), K / 8 + K / group, 64] bytes; bloom_runtime/kernels/int4.py's int4_blocks): x [M, K]
+// int8, xsum [M, K / group] each group's sum of a row.
+static void i4x8_tiled(const uint8_t* blocks, int64_t log2_group, const int8_t* x, const int32_t* xsum, int64_t M,
+                       int64_t K, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  int64_t groups = K >> log2_group, block_bytes = (K / 8 + groups) * 64;
+  for (int64_t nb = n0; nb < n1; nb += NB) {
+    const uint8_t* block = blocks + nb / NB * block_bytes;
+    int64_t nc = std::min<int64_t>(NB, n1 - nb), m = 0;
+    for (; m + OR <= M; m += OR)
+      block_tile<OR>(block, x + m * K, xsum + m * groups, K, log2_group, out + m * ldo + nb, ldo, nc);
+    block_rest<OR - 1>(M - m, block, x + m * K, xsum + m * groups, K, log2_group, out + m * ldo + nb, ldo, nc);
+  }
 }
 
 constexpr int I4X8_HALF = I4x8::H;
