@@ -4,14 +4,16 @@ runner, and which W8A16 kernel a shape gets."""
 
 from __future__ import annotations
 
+import math
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from bloom_runtime import InputError
 from bloom_runtime.bench import cases, roofline
-from bloom_runtime.bench.derived import ratios
+from bloom_runtime.bench.derived import add_derived, ratios
 from bloom_runtime.bench.metrics import guide_columns, summarize
 from bloom_runtime.bench.runners import OursRunner
 from bloom_runtime.config import BloomConfig
@@ -95,3 +97,19 @@ def test_ratios_read_below_one_as_faster_for_latency_and_above_for_throughput():
     peer = {"median_ttft_ms": 100.0, "median_tpot_ms": 20.0, "output_throughput": 100.0}
     assert ratios(ours, peer, "x") == {"ratio_ttft_vs_x": 0.5, "ratio_tpot_vs_x": 0.5,
                                        "ratio_throughput_vs_x": 3.0}
+
+
+def test_a_case_is_held_to_the_bandwidth_sampled_beside_it():
+    """`tpot_x_bandwidth_limit` divides by the case's own bandwidth sample where it has one (this VM's
+    read bandwidth moves by 2x within minutes, so the run's one sample can be far from the case's), and
+    by the run's otherwise. Guards the case's sample ignored, or read in the wrong unit."""
+    model = skeleton(CONFIG)
+    engine = SimpleNamespace(model=model, config=CONFIG, shard=SINGLE)
+    limits = {"weight_bytes": roofline.weight_bytes(model), "bandwidth": 40e9, "peak_flops": 1e12}
+    case = {"Batch": 1, "InputSeqLen(Encoding)": 8, "OutputSeqLen(Decoding)": 4, "median_ttft_ms": 5.0,
+            "median_tpot_ms": 2.0, "engine": OursRunner.name}
+    sampled, unsampled = {**case, "case": "a", "memory_bandwidth_GBps": 10.0}, {**case, "case": "b"}
+    add_derived([sampled, unsampled], engine, limits)
+    step_ms = (limits["weight_bytes"] + roofline.kv_bytes(model, 1, 8 + 2)) / 1e9 * 1e3  # at 1 GB/s
+    assert math.isclose(sampled["tpot_x_bandwidth_limit"], 2.0 / (step_ms / 10))
+    assert math.isclose(unsampled["tpot_x_bandwidth_limit"], 2.0 / (step_ms / 40))

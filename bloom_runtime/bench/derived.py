@@ -9,7 +9,8 @@ from .runners import OursRunner
 
 
 def add_derived(rows: list[dict], engine: Engine, limits: dict) -> None:
-    """Per row of ours: roofline multiples, and ratios ours/peer for the same case."""
+    """Per row of ours: roofline multiples (against the bandwidth sampled beside the case where the row
+    has it, else the run's), and ratios ours/peer for the same case."""
     by_case: dict[str, dict[str, dict]] = {}
     for row in rows:
         by_case.setdefault(row["case"], {})[row["engine"]] = row
@@ -19,7 +20,8 @@ def add_derived(rows: list[dict], engine: Engine, limits: dict) -> None:
             continue
         b, s_in, s_out = ours["Batch"], ours["InputSeqLen(Encoding)"], ours["OutputSeqLen(Decoding)"]
         step_bytes = limits["weight_bytes"] + roofline.kv_bytes(engine.model, b, s_in + s_out // 2)
-        ours["tpot_x_bandwidth_limit"] = ours["median_tpot_ms"] / (step_bytes / limits["bandwidth"] * 1e3)
+        bandwidth = 1e9 * ours.get("memory_bandwidth_GBps", limits["bandwidth"] / 1e9)
+        ours["tpot_x_bandwidth_limit"] = ours["median_tpot_ms"] / (step_bytes / bandwidth * 1e3)
         flops = roofline.prefill_flops(engine.config, engine.shard, b, s_in)
         ours["ttft_x_compute_limit"] = ours["median_ttft_ms"] / (flops / limits["peak_flops"] * 1e3)
         for name, peer in engines.items():
