@@ -79,15 +79,17 @@ def run(opts: PerfOptions, progress: bool = True) -> tuple[list[dict], dict, boo
         bar.update()
 
     runner = OursRunner(engine)
+    # The read bandwidth beside each case, the higher of the samples just before and just after it (a VM's
+    # moves by 2x within minutes): the bandwidth limit a case is held to is the one it ran under. A sample
+    # between two cases serves both.
+    before = roofline.memory_bandwidth(engine.device)
     for case in opts.cases:
         bar.set_postfix_str(f"{runner.name} {case.key}")
-        # The read bandwidth beside the case, the higher of a sample before and one after (a VM's moves by
-        # 2x within minutes): the bandwidth limit the case is held to is the one it ran under.
-        before = roofline.memory_bandwidth(engine.device)
         row = measure(runner, case, prompt_ids(case, engine.config.vocab_size, opts.seed), opts.warmup,
                       opts.repeat, engine.device)
         after = roofline.memory_bandwidth(engine.device)
         record({**row, "memory_bandwidth_GBps": max(before, after) / 1e9})
+        before = after
     for name in opts.compare:
         bar.set_postfix_str(name)
         spec = {"name": name, "directory": model, "dtype": opts.dtype, "quant": opts.quant,

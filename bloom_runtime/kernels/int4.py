@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import SimpleNamespace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -135,10 +136,17 @@ class NativeW4A8(NativeKernel, Int8Input):
     def tolerance(cls, problem: Problem) -> float:
         return 1e-6  # exact sums a step; float32 across steps
 
+    op: ClassVar[str] = "w4a8"  # the library's op for this form
+
+    def operands(self, owner) -> tuple:
+        """What the op takes between x_scale and out_dtype: the packed words, their scales, the group
+        and the owner's bias."""
+        return owner.weight_packed, owner.weight_scale, owner.GROUP, owner.bias
+
     def bind(self, owner) -> Callable[..., torch.Tensor]:
-        op, index = torch.ops.bloom_native.w4a8.default, self.index
-        tensors = (owner.weight_packed, owner.weight_scale, owner.GROUP, owner.bias)
-        return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
+        op, index = getattr(torch.ops.bloom_native, self.op).default, self.index
+        operands = self.operands(owner)
+        return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *operands, out_dtype, index)
 
 
 class NativeW4A8Tiled(NativeW4A8):
@@ -148,6 +156,7 @@ class NativeW4A8Tiled(NativeW4A8):
     blocks replace the module's packed words and scales (held once); `state_dict`, and an int4 head's
     lookups, read both back from them."""
 
+    op = "w4a8_tiled"
     drops = ("weight_packed", "weight_scale")
 
     def __init__(self, owner) -> None:
@@ -156,10 +165,9 @@ class NativeW4A8Tiled(NativeW4A8):
         self.outputs, self.group = values.shape[0], owner.GROUP
         self.register_buffer("blocks", int4_blocks(values, owner.weight_scale, self.group), persistent=False)
 
-    def bind(self, owner) -> Callable[..., torch.Tensor]:
-        op, index = torch.ops.bloom_native.w4a8_tiled.default, self.index
-        tensors = (self.blocks, self.outputs, self.group, owner.bias)
-        return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
+    def operands(self, owner) -> tuple:
+        """The blocks (the scales among them), the output count, the group and the owner's bias."""
+        return self.blocks, self.outputs, self.group, owner.bias
 
     def values(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The int4 values (int8 in [-8, 7]) of every output row, or of rows `ids`."""
