@@ -24,6 +24,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
 from bloom_runtime.kernels import Problem, native
 from bloom_runtime.kernels import selection as sel
+from bloom_runtime.kernels.dense import bf16_blocks, unblock
 from bloom_runtime.kernels.int4 import int4_blocks
 from bloom_runtime.quant import int8 as quant_int8
 
@@ -109,12 +110,45 @@ def test_dense16_matches_float64(variant, rows, outputs, inputs, half):
     assert got.dtype == half and error(got, want) < 2 * torch.finfo(half).eps  # float32 sums, rounded once
 
 
-@pytest.mark.parametrize("kernel", ["dense16", "w8a16", "w4a8", "w4a8_tiled"])
+def outer_products(variant: int) -> bool:
+    """Whether the variant has bfloat16 outer products (dense16_tiled: vdpbf16ps)."""
+    return torch.ops.bloom_native.variants()[variant] == "avx512-bf16"
+
+
+TILED_SHAPES = [*SHAPES, (2, 259, 1037), (9, 67, 96), (10, 33, 64), (3, 131, 8)]
+
+
+@pytest.mark.parametrize("rows,outputs,inputs", TILED_SHAPES)
+def test_dense16_tiled_matches_float64(variant, rows, outputs, inputs):
+    """Guards the outer products' blocks (bf16_blocks): a pair broadcast from the wrong inputs, an odd
+    K's last input paired with its neighbour's memory, a block of 32 columns cut by the last output (a
+    read past the blocks faults: they end a page; a write past the output corrupts the heap), the
+    tiles that take 4 or 2 blocks at once for 1 or 2 rows (259 outputs leave one block over), and a
+    tile of 8 rows plus one or two. x ends a page too, unaligned: an odd K's last pair read whole
+    faults. Elsewhere the op says it has none."""
+    g = torch.Generator().manual_seed(rows + outputs * inputs)
+    w = (torch.randn(outputs, inputs, generator=g) * 0.05).to(torch.bfloat16)
+    x = before_an_unreadable_page(torch.randn(rows, inputs, generator=g).to(torch.bfloat16))
+    bias = torch.randn(outputs, generator=g).to(torch.bfloat16)
+    blocks = before_an_unreadable_page(bf16_blocks(w))
+    assert torch.equal(unblock(blocks, outputs, inputs), w)
+    if not outer_products(variant):
+        with pytest.raises(RuntimeError, match="has no bfloat16 outer products"):
+            torch.ops.bloom_native.dense16_tiled(x, blocks, outputs, bias, variant)
+        return
+    want = x.double() @ w.double().t() + bias.double()
+    got = torch.ops.bloom_native.dense16_tiled(x, blocks, outputs, bias, variant)
+    assert got.dtype == torch.bfloat16 and error(got, want) < 2 * torch.finfo(torch.bfloat16).eps
+
+
+@pytest.mark.parametrize("kernel", ["dense16", "dense16_tiled", "w8a16", "w4a8", "w4a8_tiled"])
 def test_a_rows_float_sums_do_not_depend_on_the_rows_batched_with_it(variant, kernel):
     """Guards a tile that sums its outputs in another order than the one-row tile (the two-weight-row
     tile of the 64-byte variants, or a split of K; W4A8's groups taken out of order in a tile of 8
     rows): then a sequence's logits, and at near-ties its greedy tokens, would change with the batch
     it runs in. Bit for bit, 17 rows against each alone."""
+    if kernel == "dense16_tiled" and not outer_products(variant):
+        pytest.skip("no bfloat16 outer products in this variant")
     g = torch.Generator().manual_seed(17)
     w = torch.randn(67, 1037, generator=g) * 0.05
     x = torch.randn(17, 1037, generator=g).to(torch.bfloat16)
@@ -127,6 +161,8 @@ def test_a_rows_float_sums_do_not_depend_on_the_rows_batched_with_it(variant, ke
     def run(rows: torch.Tensor) -> torch.Tensor:
         if kernel == "dense16":
             return ops.dense16(rows, w.to(torch.bfloat16), None, variant).float()
+        if kernel == "dense16_tiled":
+            return ops.dense16_tiled(rows, bf16_blocks(w.to(torch.bfloat16)), 67, None, variant).float()
         if kernel.startswith("w4a8"):
             return getattr(ops, kernel)(rows[:, :1024].float(), None, *int4[kernel], 128, None, torch.float32,
                                         variant)

@@ -78,11 +78,54 @@ class Native(NativeKernel):
         return lambda x: op(x.contiguous(), weight, bias, index)
 
 
+class NativeTiled(NativeKernel):
+    """bfloat16 outer products: 16 output columns a vector, each activation pair broadcast, no
+    horizontal sums (variant.h's bf16_block_tile), on weights laid out in blocks at load
+    (`bf16_blocks`) in place of the plain weight: held once, `state_dict` reads it back."""
+
+    drops = ("weight",)
+
+    @classmethod
+    def unsupported(cls, problem: Problem) -> str | None:
+        return "bfloat16 only" if problem.dtype != "bfloat16" else super().unsupported(problem)
+
+    def __init__(self, owner) -> None:
+        super().__init__(owner)
+        self.outputs, self.inputs = owner.weight.shape
+        self.register_buffer("blocks", bf16_blocks(owner.weight.detach()), persistent=False)
+
+    def bind(self, owner) -> Callable[..., torch.Tensor]:
+        op, blocks, outputs, bias, index = (torch.ops.bloom_native.dense16_tiled.default, self.blocks,
+                                            self.outputs, owner.bias, self.index)
+        return lambda x: op(x.contiguous(), blocks, outputs, bias, index)
+
+    def restore(self, name: str) -> torch.Tensor:
+        return unblock(self.blocks, self.outputs, self.inputs)
+
+
+def bf16_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """A [N, K] weight as the outer products' blocks [ceil(N / 32), ceil(K / 2), 64]: block b holds
+    rows 32b .. 32b + 31, line p's element 2c + i being row 32b + c's input 2p + i (zeros past N and
+    K), so that a line is the 32 rows' pair of inputs that one broadcast activation pair multiplies."""
+    n, k = weight.shape
+    padded = F.pad(weight, (0, k % 2, 0, -n % BLOCK))
+    return padded.view(-1, BLOCK, (k + 1) // 2, 2).transpose(1, 2).reshape(-1, (k + 1) // 2, 2 * BLOCK)
+
+
+def unblock(blocks: torch.Tensor, outputs: int, inputs: int) -> torch.Tensor:
+    """`bf16_blocks`'s weight back: [outputs, inputs]."""
+    rows = blocks.view(blocks.shape[0], blocks.shape[1], BLOCK, 2).transpose(1, 2)
+    return rows.reshape(-1, 2 * blocks.shape[1])[:outputs, :inputs].contiguous()
+
+
+BLOCK = 32  # output columns of a block (variant.h's BF_NB)
+
+
 @register
 class Dense16(Role):
     name = "dense16"
-    candidates = (OneDnnPacked, *variants_of(Native, "portable", "avx2", "avx512", "avx512-bf16"), Plain,
-                  Float32)
+    candidates = (OneDnnPacked, *variants_of(Native, "portable", "avx2", "avx512", "avx512-bf16"),
+                  *variants_of(NativeTiled, "avx512-bf16", form="tiled"), Plain, Float32)
 
     @classmethod
     def sample(cls, problem: Problem, rows: int, generator: torch.Generator):

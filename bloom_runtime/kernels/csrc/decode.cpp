@@ -120,6 +120,7 @@ struct Variant {
   I8wRows i8w;
   I4Rows i4;
   Bf16DotRows bf16dot;  // nullptr: no bfloat16 dot instruction
+  Bf16DotRows bf16_tiled;  // likewise; bfloat16 outer products on weights laid out in blocks at load
   I4Bf16Rows i4bf16;  // nullptr: likewise (int4 x bfloat16 activations then take the float path)
   I4x8Rows i4x8;
   int i4x8_half, i4x8_lane_bytes;  // a W4A8 step's packed bytes, and the bytes of a half one lane sums
@@ -132,27 +133,29 @@ struct Variant {
 };
 
 // A row of the table: a variant's name, its CPU check, how its int8 activations come prepared, and its
-// namespace's kernels (f16, bf16dot and i4bf16 where it has them, else nullptr).
-#define VARIANT(ns, name, check, i8_act, f16, bf16dot, i4bf16)                                               \
-  {name, check, i8_act, ns::F, ns::i8_rows, ns::bf16_rows, f16, ns::i8w_rows, ns::i4_rows, bf16dot, i4bf16, \
+// namespace's kernels (f16, bf16dot, bf16_tiled and i4bf16 where it has them, else nullptr).
+#define VARIANT(ns, name, check, i8_act, f16, bf16dot, bf16_tiled, i4bf16)                                  \
+  {name, check, i8_act, ns::F, ns::i8_rows, ns::bf16_rows, f16, ns::i8w_rows, ns::i4_rows, bf16dot,          \
+   bf16_tiled, i4bf16,                                                                                       \
    ns::i4x8_rows, ns::I4X8_HALF, ns::I4X8_LANE_BYTES, ns::i4x8_tiled, ns::attend_bf16, ns::attend_f32,   \
    ns::greatest_bf16, ns::greatest_f32, ns::gelu}
 
 const Variant VARIANTS[] = {
-    VARIANT(portable, "portable", [] { return true; }, I8Act::Int32, nullptr, nullptr, nullptr),
+    VARIANT(portable, "portable", [] { return true; }, I8Act::Int32, nullptr, nullptr, nullptr, nullptr),
 #if defined(__x86_64__)
     VARIANT(avx2, "avx2", [] { return bool(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")); },
-            I8Act::Int16, avx2::f16_rows, nullptr, nullptr),
+            I8Act::Int16, avx2::f16_rows, nullptr, nullptr, nullptr),
     VARIANT(avx512, "avx512",
             [] { return bool(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")); },
-            I8Act::Int16, avx512::f16_rows, nullptr, nullptr),
+            I8Act::Int16, avx512::f16_rows, nullptr, nullptr, nullptr),
     VARIANT(avx512_vnni, "avx512-vnni",
             [] { return VARIANTS[2].supported() && bool(__builtin_cpu_supports("avx512vnni")); },
-            I8Act::Uint8Plus128, avx512_vnni::f16_rows, nullptr, nullptr),
+            I8Act::Uint8Plus128, avx512_vnni::f16_rows, nullptr, nullptr, nullptr),
     VARIANT(avx512_bf16, "avx512-bf16",
             [] { return VARIANTS[3].supported() && bool(__builtin_cpu_supports("avx512bf16")); },
-            I8Act::Uint8Plus128, avx512_bf16::f16_rows, avx512_bf16::bf16dot_rows, avx512_bf16::i4bf16_rows),
+            I8Act::Uint8Plus128, avx512_bf16::f16_rows, avx512_bf16::bf16dot_rows,
+            avx512_bf16::bf16_tiled, avx512_bf16::i4bf16_rows),
 #endif
 };
 #undef VARIANT
@@ -551,6 +554,25 @@ at::Tensor w4a8_tiled(const at::Tensor& q, const c10::optional<at::Tensor>& x_sc
                    out_dtype, v, I4x8Form::Tiled);
 }
 
+// Sums [M, N] from `sums(n0, n1, out)` over torch's threads (in tiles of `tile` columns, `row_bytes` of
+// weights each), the bias added, rounded once to `dtype`.
+template <class Sums>
+at::Tensor float_linear(int64_t M, int64_t N, int64_t row_bytes, int64_t tile, const c10::optional<at::Tensor>& bias,
+                        at::ScalarType dtype, const Sums& sums) {
+  const float* bp = float_bias(bias, N);
+  at::Tensor out = at::empty({M, N}, at::TensorOptions().dtype(at::kFloat));
+  float* sp = out.data_ptr<float>();
+  over_outputs(
+      N, row_bytes,
+      [&](int64_t n0, int64_t n1) {
+        sums(n0, n1, sp);
+        if (bp)
+          for (int64_t m = 0; m < M; m++) scale_and_bias(sp + m * N, n0, n1, 1.0f, bp);
+      },
+      tile);
+  return cast_out(out, dtype);
+}
+
 // x [M, K] @ weight^T + bias for bfloat16 or float16 x and weight, in their dtype.
 at::Tensor dense16(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                    int64_t index) {
@@ -562,21 +584,37 @@ at::Tensor dense16(const at::Tensor& x, const at::Tensor& weight, const c10::opt
   TORCH_CHECK(x.scalar_type() == weight.scalar_type() && (bf16 || weight.scalar_type() == at::kHalf),
               "bloom_native: dense16 takes bfloat16 or float16 x and weight alike");
   TORCH_CHECK(bf16 || v.f16, "bloom_native: the ", v.name, " variant has no float16 conversion");
-  const float* bp = float_bias(bias, N);
   auto w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
   auto xh = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const float* xf = bf16 && v.bf16dot ? nullptr : as_float(x);
-  at::Tensor sums = at::empty({M, N}, x.options().dtype(at::kFloat));
-  float* sp = sums.data_ptr<float>();
-  over_outputs(N, 2 * K, [&](int64_t n0, int64_t n1) {
+  return float_linear(M, N, 2 * K, 4, bias, x.scalar_type(), [&](int64_t n0, int64_t n1, float* sp) {
     if (!xf)
       v.bf16dot(w, xh, M, K, n0, n1, sp, N);
     else
       (bf16 ? v.bf16 : v.f16)(w, xf, M, K, n0, n1, sp, N);
-    if (bp)
-      for (int64_t m = 0; m < M; m++) scale_and_bias(sp + m * N, n0, n1, 1.0f, bp);
   });
-  return cast_out(sums, x.scalar_type());
+}
+
+// x [M, K] @ W^T + bias for bfloat16 x, W laid out at load in blocks of 32 columns,
+// [ceil(N / 32), ceil(K / 2), 64] bfloat16 holding `outputs` = N columns (bloom_runtime/kernels/dense.py's
+// bf16_blocks).
+at::Tensor dense16_tiled(const at::Tensor& x, const at::Tensor& blocks, int64_t outputs,
+                         const c10::optional<at::Tensor>& bias, int64_t index) {
+  const Variant& v = variant(index);
+  TORCH_CHECK(v.bf16_tiled, "bloom_native: the ", v.name, " variant has no bfloat16 outer products");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "bloom_native: dense16_tiled takes bfloat16 x");
+  int64_t N = outputs, K = x.size(1), M = x.size(0);
+  check_rows(x, "x", K);
+  TORCH_CHECK(N > 0 && blocks.device().is_cpu() && blocks.scalar_type() == at::kBFloat16 && blocks.is_contiguous() &&
+                  blocks.dim() == 3 && blocks.size(0) == (N + 31) / 32 && blocks.size(1) == (K + 1) / 2 &&
+                  blocks.size(2) == 64,
+              "bloom_native: dense16_tiled takes contiguous bfloat16 blocks [ceil(N / 32), ceil(K / 2), 64] for ",
+              N, " outputs of ", K, " inputs");
+  auto w = reinterpret_cast<const uint16_t*>(blocks.data_ptr());
+  auto xh = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  return float_linear(M, N, 2 * K, 32, bias, at::kBFloat16, [&](int64_t n0, int64_t n1, float* sp) {
+    v.bf16_tiled(w, xh, M, K, n0, n1, sp, N);
+  });
 }
 
 // One decode step's attention for B rows, each one query: reads q from the fused projection's rows,
@@ -729,6 +767,7 @@ TORCH_LIBRARY(bloom_native, m) {
   m.def("w4a8_tiled(Tensor q, Tensor? x_scale, Tensor blocks, int outputs, int group, Tensor? bias, "
         "ScalarType out_dtype, int variant) -> Tensor");
   m.def("dense16(Tensor x, Tensor weight, Tensor? bias, int variant) -> Tensor");
+  m.def("dense16_tiled(Tensor x, Tensor blocks, int outputs, Tensor? bias, int variant) -> Tensor");
   m.def("greedy(Tensor logits, int variant) -> Tensor");
   m.def("gelu(Tensor x, int variant) -> Tensor");
   m.def("cached_attention(Tensor qkv, Tensor(a!) keys, Tensor(b!) values, int layer, int row0, int first, "
@@ -743,6 +782,7 @@ TORCH_LIBRARY_IMPL(bloom_native, CPU, m) {
   m.impl("w4a8", &w4a8);
   m.impl("w4a8_tiled", &w4a8_tiled);
   m.impl("dense16", &dense16);
+  m.impl("dense16_tiled", &dense16_tiled);
   m.impl("cached_attention", &cached_attention);
   m.impl("greedy", &greedy);
   m.impl("gelu", &gelu);

@@ -300,6 +300,100 @@ static void bf16dot_rows(const uint16_t* w, const uint16_t* x, int64_t M, int64_
                          float* out, int64_t ldo) {
   rows(Bf16Dot{w, K}, x, M, K, n0, n1, out, ldo);
 }
+
+// ---- bfloat16 as outer products, on blocks of 32 columns ----------------------------------------------
+// The row tiles above sum along K inside a vector and end every (row, column) in a horizontal sum; at
+// 8 rows they stayed near two thirds of vdpbf16ps' peak even in cache. Here a vector's float32 lanes are
+// output columns instead, on weights laid out at load (bloom_runtime/kernels/dense.py's bf16_blocks):
+// block b holds columns [32 b, 32 b + 32) as ceil(K / 2) lines of 64 bfloat16, line p's element 2c + i
+// being column c's input 2p + i (zeros past N and K). An activation row's pair (2p, 2p + 1) is
+// broadcast to every lane, so that one vdpbf16ps adds 16 columns' products of the pair, with no
+// horizontal sums. Every column sums its pairs in order in one accumulator, whatever the tile, so a
+// row's sums do not depend on the rows batched with it. One row reads one sequential stream a block.
+constexpr int BF_NB = 32;  // columns of a block: two vectors of float32 lanes
+constexpr int BF_OR = 8;  // rows a block's lines serve at once: 8 x 2 accumulators
+
+// Blocks a tile of R rows takes at once: each vdpbf16ps waits on the last into its accumulator, so
+// fewer than about six chains (2 R a block) leave the unit idle; the blocks' streams run side by side.
+template <int R>
+constexpr int bf16_blocks_at() { return R == 1 ? 4 : R == 2 ? 2 : 1; }
+
+// A pair of x's inputs (2p, 2p + 1) as a 32-bit lane in every lane; the last of an odd K pairs with zero.
+static inline __m512i pair(const uint16_t* x, int64_t p, int64_t K) {
+  uint32_t bits;
+  if (2 * p + 1 < K)
+    memcpy(&bits, x + 2 * p, 4);
+  else
+    bits = x[2 * p];
+  return _mm512_set1_epi32(int32_t(bits));
+}
+
+// R rows of x (K apart) against B blocks (`stride` elements apart): out's rows (ldo apart) get columns
+// [0, nc) of the B x 32.
+template <int R, int B>
+static void bf16_block_tile(const uint16_t* block, int64_t stride, const uint16_t* x, int64_t K, float* out,
+                            int64_t ldo, int64_t nc) {
+  constexpr int V = 2 * B;  // vectors of a line across the blocks
+  __m512 acc[R][V];
+  for (int r = 0; r < R; r++)
+    for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps();
+  const int64_t lines = (K + 1) / 2;
+  for (int64_t p = 0; p < lines; p++) {
+    __m512bh w[V];
+    for (int v = 0; v < V; v++) w[v] = (__m512bh)_mm512_loadu_si512(block + v / 2 * stride + p * 2 * BF_NB + v % 2 * 16 * 2);
+    for (int r = 0; r < R; r++) {
+      __m512bh a = (__m512bh)pair(x + r * K, p, K);
+      for (int v = 0; v < V; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, w[v]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    alignas(64) float sums[V * 16];
+    for (int v = 0; v < V; v++) _mm512_store_ps(sums + 16 * v, acc[r][v]);
+    memcpy(out + r * ldo, sums, nc * sizeof(float));
+  }
+}
+
+// R rows against `count` <= bf16_blocks_at<R>() blocks holding nc columns: all at once, or one by one.
+template <int R>
+static void bf16_blocks_tile(const uint16_t* block, int64_t stride, int64_t count, const uint16_t* x, int64_t K,
+                             float* out, int64_t ldo, int64_t nc) {
+  constexpr int B = bf16_blocks_at<R>();
+  if (count == B) return bf16_block_tile<R, B>(block, stride, x, K, out, ldo, nc);
+  for (int64_t b = 0; b < count; b++)
+    bf16_block_tile<R, 1>(block + b * stride, stride, x, K, out + b * BF_NB, ldo,
+                          std::min<int64_t>(BF_NB, nc - b * BF_NB));
+}
+
+// The last rows < BF_OR: the tile of their count.
+template <int R>
+static void bf16_rest(int64_t rows, const uint16_t* block, int64_t stride, int64_t count, const uint16_t* x,
+                      int64_t K, float* out, int64_t ldo, int64_t nc) {
+  if constexpr (R > 0) {
+    if (rows == R) return bf16_blocks_tile<R>(block, stride, count, x, K, out, ldo, nc);
+    bf16_rest<R - 1>(rows, block, stride, count, x, K, out, ldo, nc);
+  }
+}
+
+// Blocks the last rows (M mod BF_OR) take at once.
+static int64_t bf16_rest_blocks(int64_t rest) {
+  return rest == 1 ? bf16_blocks_at<1>() : rest == 2 ? bf16_blocks_at<2>() : 1;
+}
+
+// Columns [n0, n1) of out [M, ldo] (n0 a multiple of BF_NB) from bf16_blocks' blocks; x [M, K] bfloat16.
+// The blocks go by as many at a time as the last rows' tile takes, each read by every tile of rows
+// while it is in cache.
+static void bf16_tiled(const uint16_t* blocks, const uint16_t* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                       float* out, int64_t ldo) {
+  const int64_t stride = (K + 1) / 2 * 2 * BF_NB, rest = M % BF_OR, full = M - rest;
+  const int64_t step = bf16_rest_blocks(rest) * BF_NB;
+  for (int64_t nb = n0; nb < n1; nb += step) {
+    const uint16_t* block = blocks + nb / BF_NB * stride;
+    int64_t nc = std::min(step, n1 - nb), count = (nc + BF_NB - 1) / BF_NB;
+    for (int64_t m = 0; m < full; m += BF_OR)
+      bf16_blocks_tile<BF_OR>(block, stride, count, x + m * K, K, out + m * ldo + nb, ldo, nc);
+    bf16_rest<BF_OR - 1>(rest, block, stride, count, x + full * K, K, out + full * ldo + nb, ldo, nc);
+  }
+}
 #endif
 
 // ---- int4 weights (compressed-tensors' words: byte t of a row holds inputs 2t and 2t + 1 as
