@@ -235,12 +235,12 @@ class TiedEmbedding(KernelOwner):
     """The token embedding, which BLOOM also uses as its output projection (`logits`).
 
     Tensor parallelism splits it by vocabulary rows; quantized heads subclass it. Its
-    rows serve lookups, so no kernel takes them over, and a float head holds no second
-    layout of them (on bloom-7b1 that would be 2 GB in bfloat16).
+    rows serve lookups, so a float head holds no second layout of them (on bloom-7b1 that
+    would be 2 GB in bfloat16): a kernel may take them over only if it looks rows up
+    (`lookups`), and lookups then read its layout.
     """
 
     STORED = {"weight": Stored(FLOAT, (VOCAB, None))}
-    KEEPS = ("weight",)
     split = "vocab"
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
@@ -248,6 +248,8 @@ class TiedEmbedding(KernelOwner):
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if "weight" not in self._parameters:
+            return self.taken_by("weight").rows(input_ids)
         return F.embedding(input_ids, self.weight)
 
     def kernel_problem(self, dtype: torch.dtype) -> Problem | None:

@@ -383,6 +383,19 @@ def test_the_build_is_keyed_by_its_sources_and_the_decisions_by_the_build(tmp_pa
     assert native.build_id() != before and sel.machine_fingerprint() != fingerprint
 
 
+def test_the_decisions_are_keyed_by_the_registrys_python_code(tmp_path, monkeypatch):
+    """Guards a candidate added, or a change in where one may serve, leaving the old verdicts cached."""
+    package = Path(sel.__file__).parent
+    for source in package.glob("*.py"):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    assert sel._registry_code(tmp_path) == sel._registry_code(package)
+    (tmp_path / "dense.py").write_text((package / "dense.py").read_text() + "\n# edited\n")
+    assert sel._registry_code(tmp_path) != sel._registry_code(package)
+    fingerprint = sel.machine_fingerprint()
+    monkeypatch.setattr(sel, "_registry_code", lambda: "edited")
+    assert sel.machine_fingerprint() != fingerprint
+
+
 def test_without_a_compiler_one_line_says_so_and_torch_kernels_serve(tmp_path):
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), sel.CACHE_DIR_ENV: str(tmp_path / "c")}
     env.pop(sel.FORCE_ENV, None)

@@ -81,9 +81,11 @@ class Native(NativeKernel):
 class NativeTiled(NativeKernel):
     """bfloat16 outer products: 16 output columns a vector, each activation pair broadcast, no
     horizontal sums (variant.h's bf16_block_tile), on weights laid out in blocks at load
-    (`bf16_blocks`) in place of the plain weight: held once, `state_dict` reads it back."""
+    (`bf16_blocks`) in place of the plain weight: held once; `state_dict`, and a tied head's
+    lookups (`rows`), read it back."""
 
     drops = ("weight",)
+    lookups = True
 
     @classmethod
     def unsupported(cls, problem: Problem) -> str | None:
@@ -101,6 +103,13 @@ class NativeTiled(NativeKernel):
 
     def restore(self, name: str) -> torch.Tensor:
         return unblock(self.blocks, self.outputs, self.inputs)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The weight's rows `ids` (any shape): [*ids.shape, inputs]."""
+        flat = ids.reshape(-1)
+        lines = self.blocks.view(self.blocks.shape[0], self.blocks.shape[1], BLOCK, 2)
+        picked = lines[flat // BLOCK, :, flat % BLOCK]  # [len(ids), ceil(K / 2), 2]
+        return picked.reshape(len(flat), -1)[:, : self.inputs].view(*ids.shape, self.inputs)
 
 
 def bf16_blocks(weight: torch.Tensor) -> torch.Tensor:

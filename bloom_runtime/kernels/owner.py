@@ -21,7 +21,7 @@ from .selection import Decision, Problem, candidate, selector
 class KernelOwner(nn.Module):
     """Mixed in before the module class; `run_kernel` calls the kernel serving a call's rows."""
 
-    KEEPS: ClassVar[tuple[str, ...]] = ()  # tensors a kernel may not take (a tied head's lookup rows)
+    KEEPS: ClassVar[tuple[str, ...]] = ()  # tensors a kernel may not take (an int8 head's lookup rows)
     decision: Decision | None = None  # the kernels themselves are the child module "kernels"
 
     def kernel_problem(self, dtype: torch.dtype) -> Problem | None:
@@ -54,6 +54,10 @@ class KernelOwner(nn.Module):
                     self.register_parameter(name, nn.Parameter(kernel.restore(name), requires_grad=False))
         del self.kernels
         self.decision = None
+
+    def taken_by(self, name: str) -> nn.Module:
+        """The kernel that took over the module's tensor `name` (one of its `drops`)."""
+        return next(k for k in self.kernels.values() if name in k.drops)
 
     def run_kernel(self, dtype: torch.dtype, *inputs) -> torch.Tensor:
         """The serving kernel on `inputs` (rows first); prepares it on first use if load did not."""

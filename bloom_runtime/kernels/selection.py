@@ -64,7 +64,8 @@ RING_BYTES, RING_MAX = 32 * 2**20, 8  # distinct weights a timing cycles through
 class Problem:
     """A role at one shape: `outputs` x `inputs` weights (`group`: int4 group size), activations
     of `dtype` on `device` (a device type). `copies`: a kernel may hold a second layout of the
-    weight beside the module's own (False for a float tied head, whose plain rows lookups need)."""
+    weight beside the module's own, or take it over without giving rows back (False for a float
+    tied head: its lookups read rows, from the weight or from a kernel that can look them up)."""
 
     role: str
     device: str
@@ -101,6 +102,7 @@ class Kernel(nn.Module):
     name: ClassVar[str]
     drops: ClassVar[tuple[str, ...]] = ()
     copies: ClassVar[bool] = False  # holds a second layout of the weight while the owner keeps its own
+    lookups: ClassVar[bool] = False  # gives back rows of the weight it takes over (`rows(ids)`)
 
     @classmethod
     def unsupported(cls, problem: Problem) -> str | None:
@@ -267,16 +269,23 @@ def default_cache_dir() -> Path:
 
 def machine_fingerprint() -> str:
     """What a decision depends on: the CPU, the dispatch caps, threads, torch, this runtime's version,
-    its native library's build (an edited kernel is probed again) and the row counts timed."""
+    its native library's build and the kernel registry's own code (an edited kernel, or a change in
+    which may serve where, is probed again) and the row counts timed."""
     from .. import __version__
     from .native import NATIVE_ENV, build_id
 
     parts = [platform.machine(), _cpu_model_and_flags(), torch.__version__, str(torch.get_num_threads()),
              *(f"{name}={os.environ.get(name, '')}" for name in (*ISA_CAPS, NATIVE_ENV)), __version__,
-             build_id(), f"timed rows {TIMED_ROWS}"]
+             build_id(), _registry_code(), f"timed rows {TIMED_ROWS}"]
     if torch.cuda.is_available():
         parts += [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _registry_code(package: Path = Path(__file__).parent) -> str:
+    """A digest of the Python side of the kernels (this package's modules)."""
+    sources = sorted(package.glob("*.py"))
+    return hashlib.sha1(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
 
 
 @functools.cache
@@ -360,15 +369,16 @@ def _winners(role: str, correct: list[Trial]) -> dict[int, str]:
 
 
 def _may_serve(cls: type[Kernel], problem: Problem) -> bool:
-    """False where the kernel would hold a second layout of a weight the module must keep plain
-    and may not double (a float tied head); forcing a role's kernel passes such modules by."""
-    return problem.copies or not (cls.copies or cls.drops)
+    """False where the kernel would hold a second layout of a weight the module may not double, or
+    take it over without giving back the rows lookups read (a float tied head); forcing a role's
+    kernel passes such modules by."""
+    return problem.copies or not (cls.copies or cls.drops and not cls.lookups)
 
 
 def _check(role: type[Role], cls: type[Kernel], problem: Problem) -> Trial:
     why = cls.unsupported(problem)
     if why is None and not _may_serve(cls, problem):
-        why = "would hold a second copy of a weight the module must keep"
+        why = "would hold a second copy of a weight the module must keep, or take it without its rows"
     if why:
         return Trial(cls.name, False, why)
     generator = torch.Generator().manual_seed(0)

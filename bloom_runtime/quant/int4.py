@@ -78,18 +78,15 @@ class Int4Weights(Scheme):
         """q int8 [N, K'] in [-8, 7], K' the padded width (what the kernels are built from), or the rows
         `ids` of it: from the packed words, or from the kernel that took them over (held once)."""
         if "weight_packed" not in self._parameters:
-            return self._keeper("weight_packed").values(ids)
+            return self.taken_by("weight_packed").values(ids)
         return unpack(self.weight_packed if ids is None else F.embedding(ids, self.weight_packed))
 
     def int4_scales(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 group scales [N, K' / GROUP], or the rows `ids` of them: the module's own, or those of
         the kernel that took them over (held once, beside the values they scale)."""
         if "weight_scale" not in self._parameters:
-            return self._keeper("weight_scale").scales(ids)
+            return self.taken_by("weight_scale").scales(ids)
         return self.weight_scale if ids is None else F.embedding(ids, self.weight_scale)
-
-    def _keeper(self, name: str) -> nn.Module:
-        return next(k for k in self.kernels.values() if name in k.drops)
 
     def kernel_problem(self, dtype: torch.dtype) -> Problem:
         scale = self.int4_scales()
