@@ -623,6 +623,10 @@ static void block_tile(const uint8_t* block, const int8_t* x, const int32_t* xsu
         vi low[OV], high[OV];
         for (int v = 0; v < OV; v++) {
           vi bytes = load<vi>(line + v * VBYTES);
+          // Held in a register: gcc otherwise folds the load into both ands below, reading each line
+          // twice; on the EPYC this was written on that cost a tenth of a one-row call in cache and an
+          // eighth at 8 rows (4096x1024: 39.5 -> 35.4 us on one thread; 8 rows 107 -> 93 us).
+          __asm__("" : "+v"(bytes));
           low[v] = bytes & 0x0F0F0F0F;
           high[v] = HIGH_IN_PLACE ? bytes & int32_t(0xF0F0F0F0) : (bytes >> 4) & 0x0F0F0F0F;
         }
