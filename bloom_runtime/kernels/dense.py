@@ -2,9 +2,10 @@
 
 Candidates: `F.linear` on the plain weight; oneDNN's matmul on the weight reordered
 once into its blocked layout (it raises where the CPU lacks 16-bit instructions,
-e.g. bfloat16 on AVX2); the native library's variants, which read the plain weight
-(so a tied head may use them too) and stream it at the memory's pace for few rows;
-and float32 arithmetic on the 16-bit weight (converted per call: storage stays
+e.g. bfloat16 on AVX2); the native library's row variants, which read the plain weight
+and stream it at the memory's pace for few rows; its bfloat16 outer products
+(AVX512_BF16), on blocks laid out at load in place of the weight, which give a tied
+head's lookups their rows back; and float32 arithmetic on the 16-bit weight (converted per call: storage stays
 16-bit), which wins where 16-bit GEMMs are emulated.
 """
 
