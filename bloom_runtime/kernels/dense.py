@@ -118,7 +118,8 @@ def bf16_blocks(weight: torch.Tensor) -> torch.Tensor:
     rows 32b .. 32b + 31, line p's element 2c + i being row 32b + c's input 2p + i (zeros past N and
     K), so that a line is the 32 rows' pair of inputs that one broadcast activation pair multiplies."""
     n, k = weight.shape
-    padded = F.pad(weight, (0, k % 2, 0, -n % BLOCK))
+    pad = (0, k % 2, 0, -n % BLOCK)
+    padded = F.pad(weight, pad) if any(pad) else weight.contiguous()  # F.pad copies even adding nothing
     return padded.view(-1, BLOCK, (k + 1) // 2, 2).transpose(1, 2).reshape(-1, (k + 1) // 2, 2 * BLOCK)
 
 
