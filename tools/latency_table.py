@@ -28,7 +28,7 @@ def runs(paths: list[Path]) -> pd.DataFrame:
     for path in paths:
         run = json.loads(path.read_text())
         df = pd.DataFrame(run["results"])
-        df["scheme"] = run["quant"] or run["dtype"]
+        df["scheme"], df["run"] = run["quant"] or run["dtype"], path.stem
         kinds = {engine: _kind(description) for engine, description in run["peers"].items()}
         df["kind"] = [kinds.get(engine, "") for engine in df["engine"]]
         frames.append(df)
@@ -53,11 +53,11 @@ def markdown(df: pd.DataFrame) -> str:
     names = engine_order(df)
     lengths = sorted(df["InputSeqLen(Encoding)"].unique())
     longest = lengths[-1]
-    head = (["scheme", "batch"] + [f"{e} next-token ms" for e in names]
+    head = (["run", "scheme", "batch"] + [f"{e} next-token ms" for e in names]
             + [f"first token @{longest} ms" + (f" (ours / {' / '.join(names[1:])})" if names[1:] else "")])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (scheme, batch), group in df.groupby(["scheme", "Batch"], sort=False):
-        cells = [scheme, str(batch)]
+    for (run, scheme, batch), group in df.groupby(["run", "scheme", "Batch"], sort=False):
+        cells = [run, scheme, str(batch)]
         for engine in names:
             rows = group[group["engine"] == engine].sort_values("InputSeqLen(Encoding)")
             figures = " / ".join(f"{v:.1f}" for v in rows[TPOT])
@@ -70,8 +70,8 @@ def markdown(df: pd.DataFrame) -> str:
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:
-    """Next-token latency averaged over input lengths: a bar per engine, grouped by scheme; a
-    panel per batch size."""
+    """Next-token latency averaged over input lengths (and runs of a scheme): a bar per engine,
+    grouped by scheme; a panel per batch size."""
     plt = pyplot()
     batches = sorted(df["Batch"].unique())
     colors = {engine: f"C{i}" for i, engine in enumerate(engine_order(df))}  # the same in every panel
