@@ -241,21 +241,25 @@ def test_a_loaded_model_runs_only_probed_kernels_holds_weights_once_and_saves_th
     assert (roofline.weight_bytes(prepared.model) == roofline.weight_bytes(plain.model)) or dropped
 
 
-def test_a_tied_head_taken_over_by_a_kernel_looks_its_rows_up_there(monkeypatch):
-    """A float tied head may be served by a kernel that holds the weight in its own layout only if the
-    kernel looks rows up (the bfloat16 outer products' blocks): guards lookups reading a weight that is
-    gone, rows gathered from the wrong column of a block, the head holding its weight twice, and
-    `state_dict` (what `weights quant` writes) missing the tied weight."""
+@pytest.mark.parametrize("quant,forced", [(None, "dense16=native-tiled-avx512-bf16"),
+                                          ("w8a8", "w8a8=native-tiled-avx512-vnni")])
+def test_a_tied_head_taken_over_by_a_kernel_looks_its_rows_up_there(monkeypatch, quant, forced):
+    """A tied head may be served by a kernel that holds the weight in its own layout, without a copy
+    of it, only if the kernel looks rows up (the outer products' blocks: bfloat16, and W8A8's int8
+    rows): guards lookups reading a weight that is gone, rows gathered from the wrong column of a
+    block, the head holding its weight twice, and `state_dict` (what `weights quant` writes)
+    missing the tied weight."""
     from bloom_runtime.kernels import native
 
-    why = native.unavailable("avx512-bf16")
+    variant = forced.split("native-tiled-")[1]
+    why = native.unavailable(variant)
     if why:
-        pytest.skip(f"the bfloat16 outer products need the avx512-bf16 variant: {why}")
-    monkeypatch.setenv(sel.FORCE_ENV, "dense16=native-tiled-avx512-bf16")
-    tiled = br.load("tiny", dtype="bfloat16")
-    plain = br.load("tiny", dtype="bfloat16", pack=False)
-    head = tiled.model.word_embeddings
-    assert set(head.kernels) == {"native-tiled-avx512-bf16"} and "weight" not in dict(head.named_parameters())
+        pytest.skip(f"these outer products need the {variant} variant: {why}")
+    monkeypatch.setenv(sel.FORCE_ENV, forced)
+    tiled = br.load("tiny", dtype="bfloat16", quant=quant)
+    plain = br.load("tiny", dtype="bfloat16", quant=quant, pack=False)
+    head, name = tiled.model.word_embeddings, forced.split("=")[1]
+    assert set(head.kernels) == {name} and "weight" not in dict(head.named_parameters())
     last = plain.model.word_embeddings.weight.shape[0] - 1
     ids = torch.tensor([[0, 0, 5, 17, 42, 9], [3, 8, 1, 2, 77, last]])
     assert torch.equal(head(ids), plain.model.word_embeddings(ids))

@@ -24,8 +24,8 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
 from bloom_runtime.kernels import Problem, native
 from bloom_runtime.kernels import selection as sel
-from bloom_runtime.kernels.dense import bf16_blocks, unblock
 from bloom_runtime.kernels.int4 import int4_blocks
+from bloom_runtime.kernels.outer import outer_blocks, unblock
 from bloom_runtime.quant import int8 as quant_int8
 
 VARIANTS = ("portable", "avx2", "avx512", "avx512-vnni", "avx512-bf16")
@@ -74,24 +74,39 @@ def error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want).norm() / want.norm())
 
 
-@pytest.mark.parametrize("rows,outputs,inputs", SHAPES)
+@pytest.mark.parametrize("rows,outputs,inputs", [*SHAPES, (2, 259, 1037), (9, 67, 96)])
 @pytest.mark.parametrize("zero_point", [0, 3])
-def test_w8a8_sums_exactly(variant, rows, outputs, inputs, zero_point):
+@pytest.mark.parametrize("form", ["w8a8", "w8a8_tiled"])
+def test_w8a8_sums_exactly(variant, rows, outputs, inputs, zero_point, form):
     """Guards a lost tail, a wrong VNNI offset (q + 128 and the weight sums), saturated pair sums,
-    and threads that overwrite each other's outputs: exact sums leave only float32 scaling."""
+    and threads that overwrite each other's outputs: exact sums leave only float32 scaling. The
+    outer-product form (its weights in blocks: outer.py) also: a block of 32 columns cut by the
+    last output and K no multiple of 4 (the blocks end a page: a read past them faults), the
+    tiles taking 4 or 2 blocks at once for 1 or 2 rows, and 8 rows plus one. Elsewhere than VNNI
+    the op says it has none."""
     g = torch.Generator().manual_seed(rows * outputs + inputs)
     w = misaligned(full_range_int8(outputs, inputs, generator=g))
     q = misaligned(full_range_int8(rows, inputs, generator=g))
+    ops = torch.ops.bloom_native
+    if form == "w8a8":
+        op, weights = ops.w8a8, (w,)
+    else:
+        op, weights = ops.w8a8_tiled, (before_an_unreadable_page(outer_blocks(w)), outputs)
+        assert torch.equal(unblock(weights[0], outputs, inputs), w)
+        if ops.variants()[variant] not in ("avx512-vnni", "avx512-bf16"):
+            with pytest.raises(RuntimeError, match="has no int8 outer products"):
+                op(q, None, *weights, torch.ones(outputs), None, w.sum(dim=1, dtype=torch.int32), 0,
+                   torch.float32, variant)
+            return
     w_scale = torch.rand(outputs, generator=g) * 1e-3 + 1e-4
     bias = torch.randn(outputs, generator=g)
     sums = w.sum(dim=1, dtype=torch.int32)
     exact = (q.double() - zero_point) @ w.double().t()
     for x_scale in (torch.rand(rows, 1, generator=g) + 0.5, torch.tensor([0.75])):
         want = exact * w_scale.double() * x_scale.double() + bias.double()
-        ops = torch.ops.bloom_native
-        got = ops.w8a8(q, x_scale, w, w_scale, bias, sums, zero_point, torch.float32, variant)
+        got = op(q, x_scale, *weights, w_scale, bias, sums, zero_point, torch.float32, variant)
         assert error(got, want) < 1e-6
-        got16 = ops.w8a8(q, x_scale, w, w_scale, None, sums, zero_point, torch.bfloat16, variant)
+        got16 = op(q, x_scale, *weights, w_scale, None, sums, zero_point, torch.bfloat16, variant)
         assert got16.dtype == torch.bfloat16
         assert error(got16, exact * w_scale.double() * x_scale.double()) < 2 * torch.finfo(torch.bfloat16).eps
 
@@ -120,7 +135,7 @@ TILED_SHAPES = [*SHAPES, (2, 259, 1037), (9, 67, 96), (10, 33, 64), (3, 131, 8)]
 
 @pytest.mark.parametrize("rows,outputs,inputs", TILED_SHAPES)
 def test_dense16_tiled_matches_float64(variant, rows, outputs, inputs):
-    """Guards the outer products' blocks (bf16_blocks): a pair broadcast from the wrong inputs, an odd
+    """Guards the outer products' blocks (outer_blocks): a pair broadcast from the wrong inputs, an odd
     K's last input paired with its neighbour's memory, a block of 32 columns cut by the last output (a
     read past the blocks faults: they end a page; a write past the output corrupts the heap), the
     tiles that take 4 or 2 blocks at once for 1 or 2 rows (259 outputs leave one block over), and a
@@ -130,7 +145,7 @@ def test_dense16_tiled_matches_float64(variant, rows, outputs, inputs):
     w = (torch.randn(outputs, inputs, generator=g) * 0.05).to(torch.bfloat16)
     x = before_an_unreadable_page(torch.randn(rows, inputs, generator=g).to(torch.bfloat16))
     bias = torch.randn(outputs, generator=g).to(torch.bfloat16)
-    blocks = before_an_unreadable_page(bf16_blocks(w))
+    blocks = before_an_unreadable_page(outer_blocks(w))
     assert torch.equal(unblock(blocks, outputs, inputs), w)
     if not outer_products(variant):
         with pytest.raises(RuntimeError, match="has no bfloat16 outer products"):
@@ -162,7 +177,7 @@ def test_a_rows_float_sums_do_not_depend_on_the_rows_batched_with_it(variant, ke
         if kernel == "dense16":
             return ops.dense16(rows, w.to(torch.bfloat16), None, variant).float()
         if kernel == "dense16_tiled":
-            return ops.dense16_tiled(rows, bf16_blocks(w.to(torch.bfloat16)), 67, None, variant).float()
+            return ops.dense16_tiled(rows, outer_blocks(w.to(torch.bfloat16)), 67, None, variant).float()
         if kernel.startswith("w4a8"):
             return getattr(ops, kernel)(rows[:, :1024].float(), None, *int4[kernel], 128, None, torch.float32,
                                         variant)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .native import NativeKernel, variants_of
+from .outer import block_rows, outer_blocks, unblock
 from .selection import Kernel, Problem, Role, activations, register
 
 
@@ -81,9 +82,9 @@ class Native(NativeKernel):
 
 class NativeTiled(NativeKernel):
     """bfloat16 outer products: 16 output columns a vector, each activation pair broadcast, no
-    horizontal sums (variant.h's bf16_block_tile), on weights laid out in blocks at load
-    (`bf16_blocks`) in place of the plain weight: held once; `state_dict`, and a tied head's
-    lookups (`rows`), read it back."""
+    horizontal sums (variant.h's `outer`), on weights laid out in blocks at load (outer.py) in
+    place of the plain weight: held once; `state_dict`, and a tied head's lookups (`rows`), read it
+    back."""
 
     drops = ("weight",)
     lookups = True
@@ -95,7 +96,7 @@ class NativeTiled(NativeKernel):
     def __init__(self, owner) -> None:
         super().__init__(owner)
         self.outputs, self.inputs = owner.weight.shape
-        self.register_buffer("blocks", bf16_blocks(owner.weight.detach()), persistent=False)
+        self.register_buffer("blocks", outer_blocks(owner.weight.detach()), persistent=False)
 
     def bind(self, owner) -> Callable[..., torch.Tensor]:
         op, blocks, outputs, bias, index = (torch.ops.bloom_native.dense16_tiled.default, self.blocks,
@@ -107,29 +108,7 @@ class NativeTiled(NativeKernel):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The weight's rows `ids` (any shape): [*ids.shape, inputs]."""
-        flat = ids.reshape(-1)
-        lines = self.blocks.view(self.blocks.shape[0], self.blocks.shape[1], BLOCK, 2)
-        picked = lines[flat // BLOCK, :, flat % BLOCK]  # [len(ids), ceil(K / 2), 2]
-        return picked.reshape(len(flat), -1)[:, : self.inputs].view(*ids.shape, self.inputs)
-
-
-def bf16_blocks(weight: torch.Tensor) -> torch.Tensor:
-    """A [N, K] weight as the outer products' blocks [ceil(N / 32), ceil(K / 2), 64]: block b holds
-    rows 32b .. 32b + 31, line p's element 2c + i being row 32b + c's input 2p + i (zeros past N and
-    K), so that a line is the 32 rows' pair of inputs that one broadcast activation pair multiplies."""
-    n, k = weight.shape
-    pad = (0, k % 2, 0, -n % BLOCK)
-    padded = F.pad(weight, pad) if any(pad) else weight.contiguous()  # F.pad copies even adding nothing
-    return padded.view(-1, BLOCK, (k + 1) // 2, 2).transpose(1, 2).reshape(-1, (k + 1) // 2, 2 * BLOCK)
-
-
-def unblock(blocks: torch.Tensor, outputs: int, inputs: int) -> torch.Tensor:
-    """`bf16_blocks`'s weight back: [outputs, inputs]."""
-    rows = blocks.view(blocks.shape[0], blocks.shape[1], BLOCK, 2).transpose(1, 2)
-    return rows.reshape(-1, 2 * blocks.shape[1])[:outputs, :inputs].contiguous()
-
-
-BLOCK = 32  # output columns of a block (variant.h's BF_NB)
+        return block_rows(self.blocks, self.inputs, ids)
 
 
 @register

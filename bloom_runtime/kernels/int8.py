@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .native import NativeKernel, available, variants_of
+from .outer import block_rows, outer_blocks, unblock
 from .selection import Kernel, Problem, Role, activations, register
 
 # torch 2.13's int8pack CPU kernel segfaults on a weight that does not start on a 16-byte boundary
@@ -282,6 +283,33 @@ class NativeW8A8(NativeKernel, _Int8Gemm):
         return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
 
 
+class NativeW8A8Tiled(NativeW8A8):
+    """The same sums as outer products: 16 output columns a vector, each activation quad (q + 128)
+    broadcast, no horizontal sums (variant.h's `outer`), on weights laid out in blocks at load
+    (outer.py) in place of the int8 rows: held once; `state_dict`, and an int8 head's lookups
+    (`rows`), read them back."""
+
+    drops = ("weight",)
+    lookups = True
+
+    def __init__(self, owner) -> None:
+        super().__init__(owner)
+        self.outputs, self.inputs = owner.weight.shape
+        self.register_buffer("blocks", outer_blocks(owner.weight.detach()), persistent=False)
+
+    def bind(self, owner) -> Callable[..., torch.Tensor]:
+        op, index = torch.ops.bloom_native.w8a8_tiled.default, self.index
+        tensors = (self.blocks, self.outputs, self.weight_scale, self.bias, self.weight_sums, self.zero_point)
+        return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
+
+    def restore(self, name: str) -> torch.Tensor:
+        return unblock(self.blocks, self.outputs, self.inputs)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The int8 rows `ids` (any shape): [*ids.shape, inputs]."""
+        return block_rows(self.blocks, self.inputs, ids)
+
+
 class Int8ActivationRole(Role):
     """What the roles fed int8 activations (W8A8, W4A8) share: their probe's inputs and their
     contract, exact sums rounded once to the output dtype."""
@@ -334,7 +362,8 @@ class Int8ActivationRole(Role):
 class W8A8(Int8ActivationRole):
     name = "w8a8"
     candidates = (OneDnnU8, OneDnnSplit,
-                  *variants_of(NativeW8A8, "portable", "avx2", "avx512", "avx512-vnni"), IntMM, Float32Sums)
+                  *variants_of(NativeW8A8, "portable", "avx2", "avx512", "avx512-vnni"),
+                  *variants_of(NativeW8A8Tiled, "avx512-vnni", form="tiled"), IntMM, Float32Sums)
     ZERO_POINT = 3  # probes run with a zero point: static asymmetric activations have one
 
     @classmethod

@@ -21,7 +21,7 @@ from .selection import Decision, Problem, candidate, selector
 class KernelOwner(nn.Module):
     """Mixed in before the module class; `run_kernel` calls the kernel serving a call's rows."""
 
-    KEEPS: ClassVar[tuple[str, ...]] = ()  # tensors a kernel may not take (an int8 head's lookup rows)
+    KEEPS: ClassVar[tuple[str, ...]] = ()  # tensors only a kernel that looks rows up may take (lookup rows)
     decision: Decision | None = None  # the kernels themselves are the child module "kernels"
 
     def kernel_problem(self, dtype: torch.dtype) -> Problem | None:
@@ -38,9 +38,8 @@ class KernelOwner(nn.Module):
         decision = selector().decide(problem)
         built = {name: candidate(problem.role, name)(self) for name in sorted(set(decision.serves.values()))}
         for kernel in built.values():
-            for name in kernel.drops:
-                if name not in self.KEEPS:
-                    delattr(self, name)
+            for name in self._taken(kernel):
+                delattr(self, name)
         self.kernels, self.decision = nn.ModuleDict(built), decision
         self._by_rows: dict[int, Callable] = {}
 
@@ -49,15 +48,19 @@ class KernelOwner(nn.Module):
         if self.decision is None:
             return
         for kernel in self.kernels.values():
-            for name in kernel.drops:
-                if name not in self.KEEPS:
-                    self.register_parameter(name, nn.Parameter(kernel.restore(name), requires_grad=False))
+            for name in self._taken(kernel):
+                self.register_parameter(name, nn.Parameter(kernel.restore(name), requires_grad=False))
         del self.kernels
         self.decision = None
 
+    def _taken(self, kernel: nn.Module) -> list[str]:
+        """The tensors of this module that `kernel` holds in its place: its `drops`, but those the module
+        keeps for lookups only where the kernel looks rows up itself."""
+        return [name for name in kernel.drops if name not in self.KEEPS or kernel.lookups]
+
     def taken_by(self, name: str) -> nn.Module:
-        """The kernel that took over the module's tensor `name` (one of its `drops`)."""
-        return next(k for k in self.kernels.values() if name in k.drops)
+        """The kernel that took over the module's tensor `name`."""
+        return next(k for k in self.kernels.values() if name in self._taken(k))
 
     def run_kernel(self, dtype: torch.dtype, *inputs) -> torch.Tensor:
         """The serving kernel on `inputs` (rows first); prepares it on first use if load did not."""
@@ -84,6 +87,5 @@ class KernelOwner(nn.Module):
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for kernel in (self.kernels.values() if self.decision is not None else ()):
-            for name in kernel.drops:
-                if name not in self.KEEPS:
-                    destination[prefix + name] = kernel.restore(name)
+            for name in self._taken(kernel):
+                destination[prefix + name] = kernel.restore(name)

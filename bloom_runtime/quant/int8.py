@@ -186,7 +186,7 @@ class Int8TiedEmbedding(Scheme, TiedEmbedding):
     FORMAT = "int-quantized"
     WEIGHTS = CHANNEL_INT8
     ACTIVATIONS: dict | None = None  # of the head; lookups never quantize their input
-    KEEPS = ("weight",)  # lookups read the int8 rows; oneDNN's packed head holds its layout beside them
+    KEEPS = ("weight",)  # lookups read the int8 rows: oneDNN's packed head holds its layout beside them
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, compute_dtype: torch.dtype) -> None:
         nn.Module.__init__(self)  # not TiedEmbedding's: it would allocate a float table

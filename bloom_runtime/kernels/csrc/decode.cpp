@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -115,6 +116,7 @@ struct Variant {
   I8Act i8_act;
   int i4_lanes;  // F: an int4 step takes 2F inputs, F even ones then F odd ones
   I8Rows i8;
+  I8Rows i8_tiled;  // nullptr: no VNNI; W8A8's outer products on weights laid out in blocks at load
   FloatRows bf16;
   FloatRows f16;  // nullptr: no float16 conversion in this variant
   I8wRows i8w;
@@ -133,28 +135,28 @@ struct Variant {
 };
 
 // A row of the table: a variant's name, its CPU check, how its int8 activations come prepared, and its
-// namespace's kernels (f16, bf16dot, bf16_tiled and i4bf16 where it has them, else nullptr).
-#define VARIANT(ns, name, check, i8_act, f16, bf16dot, bf16_tiled, i4bf16)                                  \
-  {name, check, i8_act, ns::F, ns::i8_rows, ns::bf16_rows, f16, ns::i8w_rows, ns::i4_rows, bf16dot,          \
-   bf16_tiled, i4bf16,                                                                                       \
+// namespace's kernels (i8_tiled, f16, bf16dot, bf16_tiled and i4bf16 where it has them, else nullptr).
+#define VARIANT(ns, name, check, i8_act, i8_tiled, f16, bf16dot, bf16_tiled, i4bf16)                        \
+  {name, check, i8_act, ns::F, ns::i8_rows, i8_tiled, ns::bf16_rows, f16, ns::i8w_rows, ns::i4_rows,        \
+   bf16dot, bf16_tiled, i4bf16,                                                                              \
    ns::i4x8_rows, ns::I4X8_HALF, ns::I4X8_LANE_BYTES, ns::i4x8_tiled, ns::attend_bf16, ns::attend_f32,   \
    ns::greatest_bf16, ns::greatest_f32, ns::gelu}
 
 const Variant VARIANTS[] = {
-    VARIANT(portable, "portable", [] { return true; }, I8Act::Int32, nullptr, nullptr, nullptr, nullptr),
+    VARIANT(portable, "portable", [] { return true; }, I8Act::Int32, nullptr, nullptr, nullptr, nullptr, nullptr),
 #if defined(__x86_64__)
     VARIANT(avx2, "avx2", [] { return bool(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")); },
-            I8Act::Int16, avx2::f16_rows, nullptr, nullptr, nullptr),
+            I8Act::Int16, nullptr, avx2::f16_rows, nullptr, nullptr, nullptr),
     VARIANT(avx512, "avx512",
             [] { return bool(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")); },
-            I8Act::Int16, avx512::f16_rows, nullptr, nullptr, nullptr),
+            I8Act::Int16, nullptr, avx512::f16_rows, nullptr, nullptr, nullptr),
     VARIANT(avx512_vnni, "avx512-vnni",
             [] { return VARIANTS[2].supported() && bool(__builtin_cpu_supports("avx512vnni")); },
-            I8Act::Uint8Plus128, avx512_vnni::f16_rows, nullptr, nullptr, nullptr),
+            I8Act::Uint8Plus128, avx512_vnni::i8_tiled, avx512_vnni::f16_rows, nullptr, nullptr, nullptr),
     VARIANT(avx512_bf16, "avx512-bf16",
             [] { return VARIANTS[3].supported() && bool(__builtin_cpu_supports("avx512bf16")); },
-            I8Act::Uint8Plus128, avx512_bf16::f16_rows, avx512_bf16::bf16dot_rows,
+            I8Act::Uint8Plus128, avx512_bf16::i8_tiled, avx512_bf16::f16_rows, avx512_bf16::bf16dot_rows,
             avx512_bf16::bf16_tiled, avx512_bf16::i4bf16_rows),
 #endif
 };
@@ -334,14 +336,14 @@ Int8Rows int8_rows(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale
 // ((q - zero_point) @ w^T) * weight_scale * x_scale + bias in out_dtype, the sums exact in int32.
 // x_scale: [M, 1] (per row), one number, or None (q: float rows, quantized here; see int8_rows);
 // weight_sums [N] int32: each weight row's sum.
-at::Tensor w8a8(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& weight,
-                const at::Tensor& weight_scale, const c10::optional<at::Tensor>& bias, const at::Tensor& weight_sums,
-                int64_t zero_point, at::ScalarType out_dtype, int64_t index) {
-  const Variant& v = variant(index);
-  int64_t N = weight.size(0), K = weight.size(1), M = q.size(0);
-  check_rows(weight, "weight", K);
+// W8A8 on int8 weights w (`kernel`'s layout: the rows, or blocks laid out at load) holding N columns of
+// K inputs: q's rows (prepared for the variant) times w, exact in int32, then scaled.
+at::Tensor w8a8_form(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const int8_t* w, int64_t N,
+                     int64_t K, const at::Tensor& weight_scale, const c10::optional<at::Tensor>& bias,
+                     const at::Tensor& weight_sums, int64_t zero_point, at::ScalarType out_dtype, const Variant& v,
+                     I8Rows kernel, int64_t tile) {
+  int64_t M = q.size(0);
   check_rows(q, "q", K);
-  TORCH_CHECK(weight.scalar_type() == at::kChar, "bloom_native: w8a8 weights are int8");
   check_vector(weight_scale, "weight_scale", N, at::kFloat);
   check_vector(weight_sums, "weight_sums", N, at::kInt);
   Int8Rows rows = int8_rows(q, x_scale);
@@ -371,23 +373,54 @@ at::Tensor w8a8(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, c
   int32_t* acc = scratch(sums, M * N);
   at::Tensor out = at::empty({M, N}, q.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
-  const int8_t* w = weight.data_ptr<int8_t>();
   const float* ws = weight_scale.data_ptr<float>();
   const int32_t* wsum = weight_sums.data_ptr<int32_t>();
   // acc - offset x wsum is the exact sum of (q - zero_point) x w, which fits int32 (|q - zero_point| <= 255,
   // |w| <= 128: K up to 65536), as do acc and offset x wsum; so unsigned 32-bit arithmetic, which wraps
   // where signed would be undefined, gives it exactly, in lanes the baseline ISA has.
   uint32_t offset = uint32_t(shift + zero_point);
-  over_outputs(N, K, [&](int64_t n0, int64_t n1) {
-    v.i8(w, act, M, K, n0, n1, acc, N);
-    for (int64_t m = 0; m < M; m++) {
-      const int32_t* a = acc + m * N;
-      float* y = op + m * N;
-      for (int64_t n = n0; n < n1; n++) y[n] = float(int32_t(uint32_t(a[n]) - offset * uint32_t(wsum[n]))) * ws[n];
-      scale_and_bias(y, n0, n1, rows.scale[rows.per_row ? m : 0], bp);
-    }
-  });
+  over_outputs(
+      N, K,
+      [&](int64_t n0, int64_t n1) {
+        kernel(w, act, M, K, n0, n1, acc, N);
+        for (int64_t m = 0; m < M; m++) {
+          const int32_t* a = acc + m * N;
+          float* y = op + m * N;
+          for (int64_t n = n0; n < n1; n++)
+            y[n] = float(int32_t(uint32_t(a[n]) - offset * uint32_t(wsum[n]))) * ws[n];
+          scale_and_bias(y, n0, n1, rows.scale[rows.per_row ? m : 0], bp);
+        }
+      },
+      tile);
   return cast_out(out, out_dtype);
+}
+
+at::Tensor w8a8(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& weight,
+                const at::Tensor& weight_scale, const c10::optional<at::Tensor>& bias, const at::Tensor& weight_sums,
+                int64_t zero_point, at::ScalarType out_dtype, int64_t index) {
+  const Variant& v = variant(index);
+  int64_t N = weight.size(0), K = weight.size(1);
+  check_rows(weight, "weight", K);
+  TORCH_CHECK(weight.scalar_type() == at::kChar, "bloom_native: w8a8 weights are int8");
+  return w8a8_form(q, x_scale, weight.data_ptr<int8_t>(), N, K, weight_scale, bias, weight_sums, zero_point,
+                   out_dtype, v, v.i8, 4);
+}
+
+// W8A8 on blocks laid out at load, [ceil(N / 32), ceil(K / 4), 128] int8 holding `outputs` = N columns
+// (bloom_runtime/kernels/outer.py's outer_blocks); K is q's width.
+at::Tensor w8a8_tiled(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const at::Tensor& blocks,
+                      int64_t outputs, const at::Tensor& weight_scale, const c10::optional<at::Tensor>& bias,
+                      const at::Tensor& weight_sums, int64_t zero_point, at::ScalarType out_dtype, int64_t index) {
+  const Variant& v = variant(index);
+  TORCH_CHECK(v.i8_tiled, "bloom_native: the ", v.name, " variant has no int8 outer products");
+  int64_t N = outputs, K = q.dim() == 2 ? q.size(1) : 0;
+  TORCH_CHECK(N > 0 && blocks.device().is_cpu() && blocks.scalar_type() == at::kChar && blocks.is_contiguous() &&
+                  blocks.dim() == 3 && blocks.size(0) == (N + 31) / 32 && blocks.size(1) == (K + 3) / 4 &&
+                  blocks.size(2) == 128,
+              "bloom_native: w8a8_tiled takes contiguous int8 blocks [ceil(N / 32), ceil(K / 4), 128] for ", N,
+              " outputs of ", K, " inputs");
+  return w8a8_form(q, x_scale, blocks.data_ptr<int8_t>(), N, K, weight_scale, bias, weight_sums, zero_point,
+                   out_dtype, v, v.i8_tiled, 32);
 }
 
 // x [M, K] @ (weight * weight_scale)^T for int8 weights, in x's dtype.
@@ -596,8 +629,8 @@ at::Tensor dense16(const at::Tensor& x, const at::Tensor& weight, const c10::opt
 }
 
 // x [M, K] @ W^T + bias for bfloat16 x, W laid out at load in blocks of 32 columns,
-// [ceil(N / 32), ceil(K / 2), 64] bfloat16 holding `outputs` = N columns (bloom_runtime/kernels/dense.py's
-// bf16_blocks).
+// [ceil(N / 32), ceil(K / 2), 64] bfloat16 holding `outputs` = N columns (bloom_runtime/kernels/outer.py's
+// outer_blocks).
 at::Tensor dense16_tiled(const at::Tensor& x, const at::Tensor& blocks, int64_t outputs,
                          const c10::optional<at::Tensor>& bias, int64_t index) {
   const Variant& v = variant(index);
@@ -760,6 +793,8 @@ TORCH_LIBRARY(bloom_native, m) {
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
   m.def("w8a8(Tensor q, Tensor? x_scale, Tensor weight, Tensor weight_scale, Tensor? bias, Tensor weight_sums, "
         "int zero_point, ScalarType out_dtype, int variant) -> Tensor");
+  m.def("w8a8_tiled(Tensor q, Tensor? x_scale, Tensor blocks, int outputs, Tensor weight_scale, Tensor? bias, "
+        "Tensor weight_sums, int zero_point, ScalarType out_dtype, int variant) -> Tensor");
   m.def("w8a16(Tensor x, Tensor weight, Tensor weight_scale, int variant) -> Tensor");
   m.def("w4a16(Tensor x, Tensor packed, Tensor scale, int group, int variant) -> Tensor");
   m.def("w4a8(Tensor q, Tensor? x_scale, Tensor packed, Tensor scale, int group, Tensor? bias, "
@@ -777,6 +812,7 @@ TORCH_LIBRARY(bloom_native, m) {
 TORCH_LIBRARY_IMPL(bloom_native, CPU, m) {
   m.impl("quantize_rows", &quantize_rows);
   m.impl("w8a8", &w8a8);
+  m.impl("w8a8_tiled", &w8a8_tiled);
   m.impl("w8a16", &w8a16);
   m.impl("w4a16", &w4a16);
   m.impl("w4a8", &w4a8);

@@ -301,99 +301,6 @@ static void bf16dot_rows(const uint16_t* w, const uint16_t* x, int64_t M, int64_
   rows(Bf16Dot{w, K}, x, M, K, n0, n1, out, ldo);
 }
 
-// ---- bfloat16 as outer products, on blocks of 32 columns ----------------------------------------------
-// The row tiles above sum along K inside a vector and end every (row, column) in a horizontal sum; at
-// 8 rows they stayed near two thirds of vdpbf16ps' peak even in cache. Here a vector's float32 lanes are
-// output columns instead, on weights laid out at load (bloom_runtime/kernels/dense.py's bf16_blocks):
-// block b holds columns [32 b, 32 b + 32) as ceil(K / 2) lines of 64 bfloat16, line p's element 2c + i
-// being column c's input 2p + i (zeros past N and K). An activation row's pair (2p, 2p + 1) is
-// broadcast to every lane, so that one vdpbf16ps adds 16 columns' products of the pair, with no
-// horizontal sums. Every column sums its pairs in order in one accumulator, whatever the tile, so a
-// row's sums do not depend on the rows batched with it. One row reads one sequential stream a block.
-constexpr int BF_NB = 32;  // columns of a block: two vectors of float32 lanes
-constexpr int BF_OR = 8;  // rows a block's lines serve at once: 8 x 2 accumulators
-
-// Blocks a tile of R rows takes at once: each vdpbf16ps waits on the last into its accumulator, so
-// fewer than about six chains (2 R a block) leave the unit idle; the blocks' streams run side by side.
-template <int R>
-constexpr int bf16_blocks_at() { return R == 1 ? 4 : R == 2 ? 2 : 1; }
-
-// A pair of x's inputs (2p, 2p + 1) as a 32-bit lane in every lane; the last of an odd K pairs with zero.
-static inline __m512i pair(const uint16_t* x, int64_t p, int64_t K) {
-  uint32_t bits;
-  if (2 * p + 1 < K)
-    memcpy(&bits, x + 2 * p, 4);
-  else
-    bits = x[2 * p];
-  return _mm512_set1_epi32(int32_t(bits));
-}
-
-// R rows of x (K apart) against B blocks (`stride` elements apart): out's rows (ldo apart) get columns
-// [0, nc) of the B x 32.
-template <int R, int B>
-static void bf16_block_tile(const uint16_t* block, int64_t stride, const uint16_t* x, int64_t K, float* out,
-                            int64_t ldo, int64_t nc) {
-  constexpr int V = 2 * B;  // vectors of a line across the blocks
-  __m512 acc[R][V];
-  for (int r = 0; r < R; r++)
-    for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps();
-  const int64_t lines = (K + 1) / 2;
-  for (int64_t p = 0; p < lines; p++) {
-    __m512bh w[V];
-    for (int v = 0; v < V; v++) w[v] = (__m512bh)_mm512_loadu_si512(block + v / 2 * stride + p * 2 * BF_NB + v % 2 * 16 * 2);
-    for (int r = 0; r < R; r++) {
-      __m512bh a = (__m512bh)pair(x + r * K, p, K);
-      for (int v = 0; v < V; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, w[v]);
-    }
-  }
-  for (int r = 0; r < R; r++) {
-    alignas(64) float sums[V * 16];
-    for (int v = 0; v < V; v++) _mm512_store_ps(sums + 16 * v, acc[r][v]);
-    memcpy(out + r * ldo, sums, nc * sizeof(float));
-  }
-}
-
-// R rows against `count` <= bf16_blocks_at<R>() blocks holding nc columns: all at once, or one by one.
-template <int R>
-static void bf16_blocks_tile(const uint16_t* block, int64_t stride, int64_t count, const uint16_t* x, int64_t K,
-                             float* out, int64_t ldo, int64_t nc) {
-  constexpr int B = bf16_blocks_at<R>();
-  if (count == B) return bf16_block_tile<R, B>(block, stride, x, K, out, ldo, nc);
-  for (int64_t b = 0; b < count; b++)
-    bf16_block_tile<R, 1>(block + b * stride, stride, x, K, out + b * BF_NB, ldo,
-                          std::min<int64_t>(BF_NB, nc - b * BF_NB));
-}
-
-// The last rows < BF_OR: the tile of their count.
-template <int R>
-static void bf16_rest(int64_t rows, const uint16_t* block, int64_t stride, int64_t count, const uint16_t* x,
-                      int64_t K, float* out, int64_t ldo, int64_t nc) {
-  if constexpr (R > 0) {
-    if (rows == R) return bf16_blocks_tile<R>(block, stride, count, x, K, out, ldo, nc);
-    bf16_rest<R - 1>(rows, block, stride, count, x, K, out, ldo, nc);
-  }
-}
-
-// Blocks the last rows (M mod BF_OR) take at once.
-static int64_t bf16_rest_blocks(int64_t rest) {
-  return rest == 1 ? bf16_blocks_at<1>() : rest == 2 ? bf16_blocks_at<2>() : 1;
-}
-
-// Columns [n0, n1) of out [M, ldo] (n0 a multiple of BF_NB) from bf16_blocks' blocks; x [M, K] bfloat16.
-// The blocks go by as many at a time as the last rows' tile takes, each read by every tile of rows
-// while it is in cache.
-static void bf16_tiled(const uint16_t* blocks, const uint16_t* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
-                       float* out, int64_t ldo) {
-  const int64_t stride = (K + 1) / 2 * 2 * BF_NB, rest = M % BF_OR, full = M - rest;
-  const int64_t step = bf16_rest_blocks(rest) * BF_NB;
-  for (int64_t nb = n0; nb < n1; nb += step) {
-    const uint16_t* block = blocks + nb / BF_NB * stride;
-    int64_t nc = std::min(step, n1 - nb), count = (nc + BF_NB - 1) / BF_NB;
-    for (int64_t m = 0; m < full; m += BF_OR)
-      bf16_blocks_tile<BF_OR>(block, stride, count, x + m * K, K, out + m * ldo + nb, ldo, nc);
-    bf16_rest<BF_OR - 1>(rest, block, stride, count, x + full * K, K, out + full * ldo + nb, ldo, nc);
-  }
-}
 #endif
 
 // ---- int4 weights (compressed-tensors' words: byte t of a row holds inputs 2t and 2t + 1 as
@@ -680,6 +587,142 @@ static void i4x8_tiled(const uint8_t* blocks, int64_t log2_group, const int8_t* 
     block_rest<OR - 1>(M - m, block, x + m * K, xsum + m * groups, K, log2_group, out + m * ldo + nb, ldo, nc);
   }
 }
+
+#if I8_KIND == I8_VNNI
+// ---- outer products on blocks of 32 columns: bfloat16 (vdpbf16ps) and W8A8 (vpdpbusd) ------------------
+// The row tiles sum along K inside a vector and end every (row, column) in a horizontal sum; at 8 rows
+// they stayed near two thirds of the dot instruction's peak even in cache (bfloat16: 260-310 GFLOP/s of
+// ~467 on 2 cores of the EPYC Zen 4 this was written on). Here a vector's 32-bit lanes are output
+// columns instead, on weights laid out at load (bloom_runtime/kernels/outer.py's outer_blocks): block b
+// holds columns [32 b, 32 b + 32) as lines of a 32-bit unit of inputs (U = 2 bfloat16, or 4 int8) for
+// each of its columns, line p's unit c holding column c's inputs U p .. U p + U - 1 (zeros past N and K).
+// An activation row's unit p is broadcast to every lane, so one instruction adds 16 columns' products of
+// the unit, with no horizontal sums. Every column sums its units in order in one accumulator, whatever the
+// tile, so a row's sums do not depend on the rows batched with it. One row reads one stream a block.
+constexpr int OUT_NB = 32;  // columns of a block: two vectors of 32-bit lanes
+constexpr int OUT_OR = 8;  // rows a block's lines serve at once: 8 x 2 accumulators
+
+// bfloat16 pairs, summed in float32.
+struct OuterBf16 {
+  typedef uint16_t T;  // weights and activations alike
+  typedef float S;
+  typedef __m512 Acc;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static void store(S* out, Acc acc) { _mm512_store_ps(out, acc); }
+#if BF16DOT
+  static Acc madd(Acc acc, __m512i x, __m512i w) { return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
+#endif
+};
+
+// int8 quads: activations as uint8 q + 128, weights int8, summed exactly in int32 (the caller takes
+// 128 x each column's weight sum back out, as for the VNNI row tiles).
+struct OuterI8 {
+  typedef uint8_t T;
+  typedef int32_t S;
+  typedef __m512i Acc;
+  static Acc zero() { return _mm512_setzero_si512(); }
+  static void store(S* out, Acc acc) { _mm512_store_si512(out, acc); }
+  static Acc madd(Acc acc, __m512i x, __m512i w) { return _mm512_dpbusd_epi32(acc, x, w); }
+};
+
+// Blocks a tile of R rows takes at once: each instruction waits on the last into its accumulator, so
+// fewer than about six chains (2 R a block) leave the unit idle; the blocks' streams run side by side.
+template <int R>
+constexpr int outer_blocks_at() { return R == 1 ? 4 : R == 2 ? 2 : 1; }
+
+// x's unit p (4 bytes: U inputs) in every lane; `whole`: all U of them lie before K, else the inputs
+// past K are zeros (never read past x).
+template <bool whole, class T>
+static inline __m512i unit(const T* x, int64_t p, int64_t K) {
+  constexpr int64_t U = 4 / sizeof(T);
+  T part[U] = {};
+  for (int64_t i = 0; i < U && (whole || U * p + i < K); i++) part[i] = x[U * p + i];
+  uint32_t bits;
+  memcpy(&bits, part, 4);
+  return _mm512_set1_epi32(int32_t(bits));
+}
+
+// R rows of x (K apart) against B blocks (`stride` elements apart): out's rows (ldo apart) get columns
+// [0, nc) of the B x 32.
+template <class Dot, int R, int B>
+static void outer_tile(const typename Dot::T* block, int64_t stride, const typename Dot::T* x, int64_t K,
+                       typename Dot::S* out, int64_t ldo, int64_t nc) {
+  constexpr int V = 2 * B;  // vectors of a line across the blocks
+  constexpr int64_t U = 4 / sizeof(typename Dot::T), LINE = OUT_NB * U;  // elements of a unit, a line
+  typename Dot::Acc acc[R][V];
+  for (int r = 0; r < R; r++)
+    for (int v = 0; v < V; v++) acc[r][v] = Dot::zero();
+  auto line = [&](int64_t p, auto whole) {
+    __m512i w[V];
+    for (int v = 0; v < V; v++) w[v] = _mm512_loadu_si512(block + v / 2 * stride + p * LINE + v % 2 * LINE / 2);
+    for (int r = 0; r < R; r++) {
+      __m512i a = unit<decltype(whole)::value>(x + r * K, p, K);
+      for (int v = 0; v < V; v++) acc[r][v] = Dot::madd(acc[r][v], a, w[v]);
+    }
+  };
+  int64_t p = 0;
+  for (; p < K / U; p++) line(p, std::true_type{});
+  if (K % U) line(p, std::false_type{});  // the last inputs, with zeros after them
+  for (int r = 0; r < R; r++) {
+    alignas(64) typename Dot::S sums[V * 16];
+    for (int v = 0; v < V; v++) Dot::store(sums + 16 * v, acc[r][v]);  // no address taken: acc stays in registers
+    memcpy(out + r * ldo, sums, nc * sizeof(typename Dot::S));
+  }
+}
+
+// R rows against `count` <= outer_blocks_at<R>() blocks holding nc columns: all at once, or one by one.
+template <class Dot, int R>
+static void outer_blocks(const typename Dot::T* block, int64_t stride, int64_t count, const typename Dot::T* x,
+                         int64_t K, typename Dot::S* out, int64_t ldo, int64_t nc) {
+  constexpr int B = outer_blocks_at<R>();
+  if (count == B) return outer_tile<Dot, R, B>(block, stride, x, K, out, ldo, nc);
+  for (int64_t b = 0; b < count; b++)
+    outer_tile<Dot, R, 1>(block + b * stride, stride, x, K, out + b * OUT_NB, ldo,
+                          std::min<int64_t>(OUT_NB, nc - b * OUT_NB));
+}
+
+// The last rows < OUT_OR: the tile of their count.
+template <class Dot, int R>
+static void outer_rest(int64_t rows, const typename Dot::T* block, int64_t stride, int64_t count,
+                       const typename Dot::T* x, int64_t K, typename Dot::S* out, int64_t ldo, int64_t nc) {
+  if constexpr (R > 0) {
+    if (rows == R) return outer_blocks<Dot, R>(block, stride, count, x, K, out, ldo, nc);
+    outer_rest<Dot, R - 1>(rows, block, stride, count, x, K, out, ldo, nc);
+  }
+}
+
+// Columns [n0, n1) of out [M, ldo] (n0 a multiple of OUT_NB) from outer_blocks' blocks; x [M, K]. The
+// blocks go by as many at a time as the last rows' tile takes, each read by every tile of rows while it
+// is in cache.
+template <class Dot>
+static void outer(const typename Dot::T* blocks, const typename Dot::T* x, int64_t M, int64_t K, int64_t n0,
+                  int64_t n1, typename Dot::S* out, int64_t ldo) {
+  constexpr int64_t U = 4 / sizeof(typename Dot::T);
+  const int64_t stride = (K + U - 1) / U * OUT_NB * U, rest = M % OUT_OR, full = M - rest;
+  const int64_t step = (rest == 1 ? outer_blocks_at<1>() : rest == 2 ? outer_blocks_at<2>() : 1) * OUT_NB;
+  for (int64_t nb = n0; nb < n1; nb += step) {
+    const typename Dot::T* block = blocks + nb / OUT_NB * stride;
+    int64_t nc = std::min(step, n1 - nb), count = (nc + OUT_NB - 1) / OUT_NB;
+    for (int64_t m = 0; m < full; m += OUT_OR)
+      outer_blocks<Dot, OUT_OR>(block, stride, count, x + m * K, K, out + m * ldo + nb, ldo, nc);
+    outer_rest<Dot, OUT_OR - 1>(rest, block, stride, count, x + full * K, K, out + full * ldo + nb, ldo, nc);
+  }
+}
+
+// W8A8's outer products: `x` the activations prepared as uint8 q + 128.
+static void i8_tiled(const int8_t* blocks, const void* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                     int32_t* out, int64_t ldo) {
+  outer<OuterI8>(reinterpret_cast<const uint8_t*>(blocks), static_cast<const uint8_t*>(x), M, K, n0, n1, out,
+                 ldo);
+}
+
+#if BF16DOT
+static void bf16_tiled(const uint16_t* blocks, const uint16_t* x, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                       float* out, int64_t ldo) {
+  outer<OuterBf16>(blocks, x, M, K, n0, n1, out, ldo);
+}
+#endif
+#endif
 
 constexpr int I4X8_HALF = I4x8::H;
 constexpr int I4X8_LANE_BYTES = I4x8::H / F;  // bytes of each half that one int32 lane sums
