@@ -2,8 +2,11 @@
 
 A float32 checkpoint of S bytes loaded as bfloat16 must raise the process's
 anonymous memory by S/2 (the model) and little more: reading the whole file
-first and casting after (as `torch.load` + `.to()` does) costs 1.5 S.
-Measured in a fresh subprocess that samples RssAnon from /proc while loading.
+first and casting after (as `torch.load` + `.to()` does) costs 1.5 S. A kernel
+that lays a weight out at load (the outer products' blocks) holds that one weight
+twice until the plain one is dropped, one weight at a time: the largest (the tied
+head) is allowed once more. Measured in a fresh subprocess that samples RssAnon
+from /proc while loading.
 """
 
 from __future__ import annotations
@@ -54,9 +57,10 @@ def test_loading_float32_as_bfloat16_keeps_no_full_copy(tmp_path, layout):
     model = hf_model(seed=41, vocab_size=32000, hidden_size=512, n_layer=8, n_head=8)
     directory = save(model, tmp_path / layout, layout=layout)
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())  # tied head counted once
+    largest_bf16 = max(p.numel() * 2 for p in model.parameters())  # one weight's layout at a time
     del model
     out = subprocess.run([sys.executable, "-c", PROBE, str(directory)], capture_output=True, text=True,
                          check=True, timeout=300)
     grown = int(out.stdout.split()[-1])
-    budget = fp32_bytes / 2 + 16 * 2**20  # the model in bfloat16 + slack
+    budget = fp32_bytes / 2 + largest_bf16 + 16 * 2**20  # the model in bfloat16, one layout, slack
     assert grown <= budget, json.dumps({"grown_MiB": grown / 2**20, "budget_MiB": budget / 2**20})
