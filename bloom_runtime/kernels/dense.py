@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .native import NativeKernel, variants_of
-from .outer import block_rows, outer_blocks, unblock
+from .outer import OuterBlocked
 from .selection import Kernel, Problem, Role, activations, register
 
 
@@ -80,35 +80,18 @@ class Native(NativeKernel):
         return lambda x: op(x.contiguous(), weight, bias, index)
 
 
-class NativeTiled(NativeKernel):
+class NativeTiled(OuterBlocked, NativeKernel):
     """bfloat16 outer products: 16 output columns a vector, each activation pair broadcast, no
-    horizontal sums (variant.h's `outer`), on weights laid out in blocks at load (outer.py) in
-    place of the plain weight: held once; `state_dict`, and a tied head's lookups (`rows`), read it
-    back."""
-
-    drops = ("weight",)
-    lookups = True
+    horizontal sums (variant.h's `outer`), on the weight's blocks (outer.py)."""
 
     @classmethod
     def unsupported(cls, problem: Problem) -> str | None:
         return "bfloat16 only" if problem.dtype != "bfloat16" else super().unsupported(problem)
 
-    def __init__(self, owner) -> None:
-        super().__init__(owner)
-        self.outputs, self.inputs = owner.weight.shape
-        self.register_buffer("blocks", outer_blocks(owner.weight.detach()), persistent=False)
-
     def bind(self, owner) -> Callable[..., torch.Tensor]:
         op, blocks, outputs, bias, index = (torch.ops.bloom_native.dense16_tiled.default, self.blocks,
                                             self.outputs, owner.bias, self.index)
         return lambda x: op(x.contiguous(), blocks, outputs, bias, index)
-
-    def restore(self, name: str) -> torch.Tensor:
-        return unblock(self.blocks, self.outputs, self.inputs)
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """The weight's rows `ids` (any shape): [*ids.shape, inputs]."""
-        return block_rows(self.blocks, self.inputs, ids)
 
 
 @register

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .native import NativeKernel, available, variants_of
-from .outer import block_rows, outer_blocks, unblock
+from .outer import OuterBlocked
 from .selection import Kernel, Problem, Role, activations, register
 
 # torch 2.13's int8pack CPU kernel segfaults on a weight that does not start on a 16-byte boundary
@@ -283,31 +283,14 @@ class NativeW8A8(NativeKernel, _Int8Gemm):
         return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
 
 
-class NativeW8A8Tiled(NativeW8A8):
+class NativeW8A8Tiled(OuterBlocked, NativeW8A8):
     """The same sums as outer products: 16 output columns a vector, each activation quad (q + 128)
-    broadcast, no horizontal sums (variant.h's `outer`), on weights laid out in blocks at load
-    (outer.py) in place of the int8 rows: held once; `state_dict`, and an int8 head's lookups
-    (`rows`), read them back."""
-
-    drops = ("weight",)
-    lookups = True
-
-    def __init__(self, owner) -> None:
-        super().__init__(owner)
-        self.outputs, self.inputs = owner.weight.shape
-        self.register_buffer("blocks", outer_blocks(owner.weight.detach()), persistent=False)
+    broadcast, no horizontal sums (variant.h's `outer`), on the int8 weight's blocks (outer.py)."""
 
     def bind(self, owner) -> Callable[..., torch.Tensor]:
         op, index = torch.ops.bloom_native.w8a8_tiled.default, self.index
         tensors = (self.blocks, self.outputs, self.weight_scale, self.bias, self.weight_sums, self.zero_point)
         return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
-
-    def restore(self, name: str) -> torch.Tensor:
-        return unblock(self.blocks, self.outputs, self.inputs)
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """The int8 rows `ids` (any shape): [*ids.shape, inputs]."""
-        return block_rows(self.blocks, self.inputs, ids)
 
 
 class Int8ActivationRole(Role):

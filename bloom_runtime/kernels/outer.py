@@ -44,3 +44,23 @@ def block_rows(blocks: torch.Tensor, inputs: int, ids: torch.Tensor) -> torch.Te
     lines = blocks.view(blocks.shape[0], blocks.shape[1], BLOCK, unit)
     picked = lines[flat // BLOCK, :, flat % BLOCK]  # [len(ids), lines, unit]
     return picked.reshape(len(flat), -1)[:, :inputs].view(*ids.shape, inputs)
+
+
+class OuterBlocked:
+    """A kernel mixin: the owner's weight laid out as blocks at load, in place of it (held once);
+    `state_dict` (`restore`) and a tied head's lookups (`rows`) read it back from them."""
+
+    drops = ("weight",)
+    lookups = True
+
+    def __init__(self, owner) -> None:
+        super().__init__(owner)
+        self.outputs, self.inputs = owner.weight.shape
+        self.register_buffer("blocks", outer_blocks(owner.weight.detach()), persistent=False)
+
+    def restore(self, name: str) -> torch.Tensor:
+        return unblock(self.blocks, self.outputs, self.inputs)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The weight's rows `ids` (any shape): [*ids.shape, inputs]."""
+        return block_rows(self.blocks, self.inputs, ids)
