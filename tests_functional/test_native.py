@@ -329,20 +329,27 @@ def test_gelu_is_blooms_tanh_gelu_within_an_ulp(variant, shape):
 
 
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16, torch.float16])
-def test_one_pass_quantization_equals_the_torch_ops_bit_for_bit(act):
+def test_one_pass_quantization_equals_the_torch_ops_bit_for_bit(variant, act):
     """Guards rounding half away from zero, a scale from another formula, and the clamp: ties
-    (x / scale exactly n + 0.5), a row of zeros, a row with one element, and huge values."""
-    if native.available() is not None:
-        pytest.skip(f"no native library: {native.available()}")
+    (x / scale exactly n + 0.5), a row of zeros, a row with one element, and huge values; a NaN
+    that hides a lane's larger values from the row's maximum; the vector tail (1037 inputs); and a
+    row ending a page (a read past it faults)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 1037, generator=g) * 3
+    x = torch.randn(7, 1037, generator=g) * 3
     x[1] = 0
     x[2, :] = torch.arange(1037) - 518.0  # absmax 518: scale 518 / 127; many exact ties below
     x[2, 0] = 518 / 127 * 2.5
     x[3] *= torch.finfo(act).max / x[3].abs().max()  # the largest finite values
     x[4, 1:] = 0
-    x = x.to(act)
-    q, scale = torch.ops.bloom_native.quantize_rows(x)
+    x[5, 0], x[5, 16], x[5, 32] = 1000.0, float("nan"), 1.0  # each lane width's first lane: max, NaN, less
+    x = before_an_unreadable_page(x.to(act))
+    q, scale = torch.ops.bloom_native.quantize_rows(x, variant)
+    nan_row = x[5].float()
+    assert scale[5, 0] == torch.tensor(1000.0) / 127 and q[5, 16] == -128  # the NaN seen nowhere else
+    finite = ~torch.isnan(nan_row)
+    assert torch.equal(q[5][finite], torch.round(nan_row[finite] / scale[5]).clamp(-128, 127).to(torch.int8))
+    kept = torch.arange(7) != 5  # torch's amax gives the NaN row a NaN scale
+    x, q, scale = x[kept], q[kept], scale[kept]
     flat = x.float()
     want_scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
     want_q = torch.round(flat / want_scale).clamp(-128, 127).to(torch.int8)

@@ -132,6 +132,8 @@ struct Variant {
   Greatest<uint16_t> greatest_bf16;
   Greatest<float> greatest_f32;
   void (*gelu)(const uint16_t*, int64_t, uint16_t*);
+  float (*quantize_f32)(const float*, int64_t, int8_t*);  // a row as int8, its scale returned
+  float (*quantize_bf16)(const uint16_t*, int64_t, int8_t*);
 };
 
 // A row of the table: a variant's name, its CPU check, how its int8 activations come prepared, and its
@@ -140,7 +142,7 @@ struct Variant {
   {name, check, i8_act, ns::F, ns::i8_rows, i8_tiled, ns::bf16_rows, f16, ns::i8w_rows, ns::i4_rows,        \
    bf16dot, bf16_tiled, i4bf16,                                                                              \
    ns::i4x8_rows, ns::I4X8_HALF, ns::I4X8_LANE_BYTES, ns::i4x8_tiled, ns::attend_bf16, ns::attend_f32,   \
-   ns::greatest_bf16, ns::greatest_f32, ns::gelu}
+   ns::greatest_bf16, ns::greatest_f32, ns::gelu, ns::quantize_f32, ns::quantize_bf16}
 
 const Variant VARIANTS[] = {
     VARIANT(portable, "portable", [] { return true; }, I8Act::Int32, nullptr, nullptr, nullptr, nullptr, nullptr),
@@ -271,39 +273,33 @@ std::vector<std::string> variants() {
 bool supported(int64_t index) { return index >= 0 && index < N_VARIANTS && VARIANTS[index].supported(); }
 
 // Rows x [M, K] (any float dtype) to int8 q [M, K] with scales [M]: scale = max(|row|, 1e-8) / 127 and
-// q = round-half-even(x / scale) clamped to [-128, 127], in one pass over each row (two reads).
-void quantize_into(const at::Tensor& x, int8_t* qp, float* sp) {
+// q = round-half-even(x / scale) clamped to [-128, 127], in one pass over each row (two reads), in the
+// variant's vectors (variant.h's quantize_row); float16 rows are converted to float32 first.
+void quantize_into(const at::Tensor& x, int8_t* qp, float* sp, const Variant& v) {
   int64_t M = x.size(0), K = x.size(1);
-  const float* in = as_float(x);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const auto* half = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr()) : nullptr;
+  const float* in = bf16 ? nullptr : as_float(x);
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; m++) {
-      const float* row = in + m * K;
-      float absmax = 0;
-#pragma omp simd reduction(max : absmax)
-      for (int64_t k = 0; k < K; k++) absmax = std::max(absmax, std::fabs(row[k]));
-      float s = std::max(absmax, 1e-8f) / 127.0f;
-      sp[m] = s;
-      // Clamped, then rounded half to even by adding and taking away 1.5 x 2^23 (exact below 2^22
-      // in the default rounding mode): what round-then-clamp gives, in instructions that vectorize
-      // on the baseline ISA (nearbyint is a libm call per element there).
-      constexpr float MAGIC = 12582912.0f;
-      int8_t* out = qp + m * K;
-#pragma omp simd
-      for (int64_t k = 0; k < K; k++) {
-        float clamped = std::min(127.0f, std::max(-128.0f, row[k] / s));
-        out[k] = int8_t(int32_t((clamped + MAGIC) - MAGIC));
-      }
-    }
+    for (int64_t m = m0; m < m1; m++)
+      sp[m] = bf16 ? v.quantize_bf16(half + m * K, K, qp + m * K) : v.quantize_f32(in + m * K, K, qp + m * K);
   });
 }
 
-// x [M, K] -> (q int8 [M, K], scale float32 [M, 1]), as quantize_into.
-std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
+// The widest variant this CPU runs (the portable one runs everywhere).
+const Variant& widest() {
+  int64_t i = N_VARIANTS - 1;
+  while (!VARIANTS[i].supported()) i--;
+  return VARIANTS[i];
+}
+
+// x [M, K] -> (q int8 [M, K], scale float32 [M, 1]), as quantize_into in `index`'s variant (-1: the widest).
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t index) {
   TORCH_CHECK(x.dim() == 2, "bloom_native: quantize_rows takes [M, K]");
   at::Tensor xc = x.contiguous();
   at::Tensor q = at::empty(xc.sizes(), xc.options().dtype(at::kChar));
   at::Tensor scale = at::empty({xc.size(0), 1}, xc.options().dtype(at::kFloat));
-  quantize_into(xc, q.data_ptr<int8_t>(), scale.data_ptr<float>());
+  quantize_into(xc, q.data_ptr<int8_t>(), scale.data_ptr<float>(), index < 0 ? widest() : variant(index));
   return {q, scale};
 }
 
@@ -316,7 +312,7 @@ struct Int8Rows {
   at::Tensor scale_kept;  // owns the given scales, converted
 };
 
-Int8Rows int8_rows(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale) {
+Int8Rows int8_rows(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale, const Variant& v) {
   int64_t M = q.size(0);
   if (!x_scale.has_value()) {
     TORCH_CHECK(at::isFloatingType(q.scalar_type()), "bloom_native: without x_scale, q must be float rows");
@@ -324,7 +320,7 @@ Int8Rows int8_rows(const at::Tensor& q, const c10::optional<at::Tensor>& x_scale
     thread_local std::vector<float> scales;
     int8_t* qp = scratch(quantized, q.numel());
     float* sp = scratch(scales, M);
-    quantize_into(q, qp, sp);
+    quantize_into(q, qp, sp, v);
     return {qp, sp, M > 1, at::Tensor()};
   }
   TORCH_CHECK(q.scalar_type() == at::kChar, "bloom_native: q must be int8 where x_scale is given");
@@ -346,7 +342,7 @@ at::Tensor w8a8_form(const at::Tensor& q, const c10::optional<at::Tensor>& x_sca
   check_rows(q, "q", K);
   check_vector(weight_scale, "weight_scale", N, at::kFloat);
   check_vector(weight_sums, "weight_sums", N, at::kInt);
-  Int8Rows rows = int8_rows(q, x_scale);
+  Int8Rows rows = int8_rows(q, x_scale, v);
   const float* bp = float_bias(bias, N);
 
   thread_local std::vector<int32_t> act32;
@@ -526,7 +522,7 @@ at::Tensor w4a8_form(const at::Tensor& q, const c10::optional<at::Tensor>& x_sca
   int64_t M = q.size(0), step = 2 * v.i4x8_half, log2_group = __builtin_ctzll(group);
   check_rows(q, "q", K);
   const float* bp = float_bias(bias, N);
-  Int8Rows rows = int8_rows(q, x_scale);
+  Int8Rows rows = int8_rows(q, x_scale, v);
   thread_local std::vector<int8_t> prepared;
   thread_local std::vector<int32_t> corrections;
   const int8_t* xp = rows.q;
@@ -790,7 +786,7 @@ at::Tensor gelu(const at::Tensor& x, int64_t index) {
 TORCH_LIBRARY(bloom_native, m) {
   m.def("variants() -> str[]", &variants);
   m.def("supported(int variant) -> bool", &supported);
-  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
+  m.def("quantize_rows(Tensor x, int variant=-1) -> (Tensor, Tensor)");
   m.def("w8a8(Tensor q, Tensor? x_scale, Tensor weight, Tensor weight_scale, Tensor? bias, Tensor weight_sums, "
         "int zero_point, ScalarType out_dtype, int variant) -> Tensor");
   m.def("w8a8_tiled(Tensor q, Tensor? x_scale, Tensor blocks, int outputs, Tensor weight_scale, Tensor? bias, "
