@@ -383,6 +383,35 @@ def test_float_rows_are_quantized_inside_the_call_as_quantize_rows_does(variant,
             assert torch.equal(op(x, None, *weights, 128, bias, torch.float32, variant), want)
 
 
+@pytest.mark.parametrize("rows", [1, 9])
+def test_16_bit_outputs_are_the_float32_ones_rounded_as_torch_rounds(variant, rows):
+    """Each thread rounds its part of the sums into the output (decode.cpp's Output): guards rounding
+    by truncation, a part or a vector tail left unrounded (67 outputs: 4 vectors of 16 and 3 more),
+    and float16 overflow handled otherwise than torch does (sums far past 65504 give inf)."""
+    g = torch.Generator().manual_seed(rows)
+    ops, outputs, inputs = torch.ops.bloom_native, 67, 256
+    q = torch.randint(-128, 128, (rows, inputs), generator=g, dtype=torch.int8)
+    x_scale = torch.rand(rows, 1, generator=g) + 0.5
+    w = full_range_int8(outputs, inputs, generator=g)
+    w_scale, bias = torch.rand(outputs, generator=g) * 4, torch.randn(outputs, generator=g)
+    values = torch.randint(-8, 8, (outputs, inputs), generator=g, dtype=torch.int8)
+    group_scale = torch.rand(outputs, inputs // 128, generator=g) * 8
+    sums, packed = w.sum(dim=1, dtype=torch.int32), pack_to_int32(values, 4)
+    blocks = int4_blocks(values, group_scale, 128)
+    calls = [lambda out: ops.w8a8(q, x_scale, w, w_scale, bias, sums, 0, out, variant),
+             lambda out: ops.w4a8(q, x_scale, packed, group_scale, 128, bias, out, variant),
+             lambda out: ops.w4a8_tiled(q, x_scale, blocks, outputs, 128, bias, out, variant)]
+    if ops.variants()[variant] in ("avx512-vnni", "avx512-bf16"):  # int8 outer products: VNNI only
+        tiled = outer_blocks(w)
+        calls.append(lambda out: ops.w8a8_tiled(q, x_scale, tiled, outputs, w_scale, bias, sums, 0, out,
+                                                variant))
+    for call in calls:
+        exact = call(torch.float32)
+        assert float(exact.abs().max()) > 65504  # some overflow float16
+        for dtype in (torch.bfloat16, torch.float16):
+            assert torch.equal(call(dtype), exact.to(dtype))
+
+
 def test_every_variant_is_a_candidate_the_probe_checks_and_times():
     """The registry offers each variant of each role, and the probe decides among them here."""
     problem = Problem("w8a8", "cpu", "bfloat16", 64, 1024)

@@ -908,6 +908,19 @@ static void gelu(const uint16_t* x, int64_t n, uint16_t* out) {
   }
 }
 
+// n float32 values to bfloat16, rounded to nearest even as torch rounds (store_bf16).
+static void round_bf16(const float* x, int64_t n, uint16_t* out) {
+  int64_t k = 0;
+  for (; k + F <= n; k += F) store_bf16(out + k, load<vf>(x + k));
+  if (k < n) {  // the tail through a vector's worth of buffer
+    float in[F] = {};
+    uint16_t rest[F];
+    memcpy(in, x + k, (n - k) * sizeof in[0]);
+    store_bf16(rest, load<vf>(in));
+    memcpy(out + k, rest, (n - k) * sizeof rest[0]);
+  }
+}
+
 // A row of K float32 or bfloat16 values as int8 at out, returning its scale: scale = max(|row|, 1e-8) /
 // 127 and q = round-half-even(row / scale) clamped to [-128, 127] (a NaN gives -128), the same float32
 // operations as torch's ops (decode.cpp's quantize_into), in this variant's vectors: compiled at the
