@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from torch import nn
 
 from ..calibration import ActivationStats
 from ..errors import DistributedError, InputError
 from ..kernels import Problem
+from ..kernels.int4 import BITS, pack_int4
 from ..model import Linear, TiedEmbedding
 from ..tensors import IN, INT, OUT, SCALE, VOCAB, Stored
 from .base import QuantizedLinear, Scheme, frozen
 from .int8 import Int8Linear, w8a8
 
-BITS = 4
 PER_WORD = 32 // BITS  # int4 values in one int32
 GROUP_WEIGHTS = {"num_bits": BITS, "type": "int", "symmetric": True, "strategy": "group", "dynamic": False}
 
@@ -57,7 +56,10 @@ def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
     """q int8 [rows, words * 8] from compressed-tensors' packed int32 words [rows, words], on their
-    device (the int4 head unpacks the rows it looks up at every step: no host round trip)."""
+    device (the int4 head unpacks the rows it looks up at every step: no host round trip).
+    compressed-tensors is imported on first use, as in `pack_int4`."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
     rows, words = packed.shape
     return unpack_from_int32(packed, BITS, torch.Size((rows, words * PER_WORD)))
 
@@ -136,7 +138,7 @@ class Int4WeightOnlyLinear(Int4Weights, QuantizedLinear):
     @classmethod
     def from_float(cls, linear: nn.Module, stats: ActivationStats | None) -> QuantizedLinear:
         q, scale = quantize_int4(linear.weight, cls.GROUP)
-        return cls(pack_to_int32(q, BITS), scale, linear.bias, linear.weight.shape[1], split=linear.split)
+        return cls(pack_int4(q), scale, linear.bias, linear.weight.shape[1], split=linear.split)
 
     def check_split(self, world: int) -> None:
         """A row-parallel cut must fall on group boundaries of the real inputs."""
@@ -177,7 +179,7 @@ class Int4TiedEmbedding(Int4Weights, TiedEmbedding):
     @classmethod
     def from_float(cls, embedding: TiedEmbedding, dtype: torch.dtype) -> Int4TiedEmbedding:
         q, scale = quantize_int4(embedding.weight, cls.GROUP)
-        return cls(pack_to_int32(q, BITS), scale, embedding.weight.shape[1], dtype)
+        return cls(pack_int4(q), scale, embedding.weight.shape[1], dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         q = self.int4_values(input_ids.reshape(-1))
