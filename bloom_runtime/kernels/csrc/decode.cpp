@@ -10,7 +10,7 @@
 //
 // Threads are torch's own pool (at::parallel_for over tiles of output rows); activations are
 // prepared once per call into a buffer kept by the calling thread, so a decode step allocates
-// only its outputs.
+// only its outputs (and, for a 16-bit output, the float32 sums each thread rounds into it).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
