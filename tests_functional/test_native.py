@@ -366,7 +366,7 @@ def test_float_rows_are_quantized_inside_the_call_as_quantize_rows_does(variant,
     g = torch.Generator().manual_seed(rows + inputs)
     x = misaligned((torch.randn(rows, inputs, generator=g) * 3).to(act))
     x[0, :] *= 40  # rows of very different ranges: a shared scale would show
-    q, scale = torch.ops.bloom_native.quantize_rows(x)
+    q, scale = torch.ops.bloom_native.quantize_rows(x, variant)
     ops, outputs = torch.ops.bloom_native, 67
     w = full_range_int8(outputs, inputs, generator=g)
     w_scale, bias, sums = torch.rand(outputs, generator=g) * 1e-3, torch.randn(outputs, generator=g), w.sum(

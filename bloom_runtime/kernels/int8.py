@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .native import NativeKernel, available, variants_of
+from .native import NativeKernel, variants_of, widest_variant
 from .outer import OuterBlocked
 from .selection import Kernel, Problem, Role, activations, register
 
@@ -39,8 +39,9 @@ def quantize_per_token(rows: torch.Tensor, reduce_absmax=None) -> tuple[torch.Te
     """Symmetric int8 rows of `rows` [M, K] (any float dtype, float32 math) with one scale per row
     [M, 1] (`reduce_absmax` widens each row's |max| over tensor-parallel ranks). On CPU, the native
     library does it in one pass over each row where it is built: the same numbers, bit for bit."""
-    if reduce_absmax is None and rows.device.type == "cpu" and available() is None:
-        return torch.ops.bloom_native.quantize_rows(rows)
+    variant = widest_variant() if reduce_absmax is None and rows.device.type == "cpu" else None
+    if variant is not None:
+        return torch.ops.bloom_native.quantize_rows(rows, variant)
     return quantize_per_token_in_torch(rows, reduce_absmax)
 
 

@@ -316,20 +316,13 @@ void quantize_into(const at::Tensor& x, int8_t* qp, float* sp, const Variant& v)
   });
 }
 
-// The widest variant this CPU runs (the portable one runs everywhere).
-const Variant& widest() {
-  int64_t i = N_VARIANTS - 1;
-  while (!VARIANTS[i].supported()) i--;
-  return VARIANTS[i];
-}
-
-// x [M, K] -> (q int8 [M, K], scale float32 [M, 1]), as quantize_into in `index`'s variant (-1: the widest).
+// x [M, K] -> (q int8 [M, K], scale float32 [M, 1]), as quantize_into in `index`'s variant.
 std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t index) {
   TORCH_CHECK(x.dim() == 2, "bloom_native: quantize_rows takes [M, K]");
   at::Tensor xc = x.contiguous();
   at::Tensor q = at::empty(xc.sizes(), xc.options().dtype(at::kChar));
   at::Tensor scale = at::empty({xc.size(0), 1}, xc.options().dtype(at::kFloat));
-  quantize_into(xc, q.data_ptr<int8_t>(), scale.data_ptr<float>(), index < 0 ? widest() : variant(index));
+  quantize_into(xc, q.data_ptr<int8_t>(), scale.data_ptr<float>(), variant(index));
   return {q, scale};
 }
 
@@ -823,7 +816,7 @@ at::Tensor gelu(const at::Tensor& x, int64_t index) {
 TORCH_LIBRARY(bloom_native, m) {
   m.def("variants() -> str[]", &variants);
   m.def("supported(int variant) -> bool", &supported);
-  m.def("quantize_rows(Tensor x, int variant=-1) -> (Tensor, Tensor)");
+  m.def("quantize_rows(Tensor x, int variant) -> (Tensor, Tensor)");
   m.def("w8a8(Tensor q, Tensor? x_scale, Tensor weight, Tensor weight_scale, Tensor? bias, Tensor weight_sums, "
         "int zero_point, ScalarType out_dtype, int variant) -> Tensor");
   m.def("w8a8_tiled(Tensor q, Tensor? x_scale, Tensor blocks, int outputs, Tensor weight_scale, Tensor? bias, "
