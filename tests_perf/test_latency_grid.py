@@ -79,6 +79,7 @@ def check_consistency(csv: pd.DataFrame) -> None:
         assert math.isclose(row["mean_e2el_ms"], predicted, rel_tol=1e-6), row["case"]
         assert math.isclose(row["mean_itl_ms"], row["mean_tpot_ms"], rel_tol=1e-6), row["case"]
         assert row["median_ttft_ms"] > 0 and row["median_tpot_ms"] > 0
+        assert row["memory_bandwidth_GBps"] > 0.1, row  # every engine's case, peers' too (in GB/s, not B/s)
         assert row["p99_itl_ms"] >= row["median_itl_ms"] - 1e-9
         assert math.isclose(row["TimeTotal(s)"] * 1e3, row["median_e2el_ms"])
         assert math.isclose(row["ThroughputE2E(tokens/s)"], row["Batch"] * n / row["TimeTotal(s)"])

@@ -3,8 +3,9 @@
     python tools/latency_table.py docs/latency/bloom-560m-bf16*.json --png docs/latency/summary.png
 
 Each JSON is one perf run (ours and its peers on the same prompts); a row per run and
-batch: next-token median ms at each input length, for ours and every peer that ran,
-and first-token ms at the longest input. Ratios are ours / peer within one run.
+batch: next-token median ms at each input length, for ours and every peer that ran (with
+the read bandwidth sampled beside each case), and first-token ms at the longest input.
+Ratios are ours / peer within one run.
 """
 
 from __future__ import annotations
@@ -61,12 +62,22 @@ def markdown(df: pd.DataFrame) -> str:
         for engine in names:
             rows = group[group["engine"] == engine].sort_values("InputSeqLen(Encoding)")
             figures = " / ".join(f"{v:.1f}" for v in rows[TPOT])
-            kind = rows["kind"].iloc[0] if len(rows) else ""
-            cells.append(f"{figures} ({kind})" if figures and kind else figures or "-")
+            notes = [rows["kind"].iloc[0] if len(rows) else ""] + [bandwidths(rows)]
+            notes = ", ".join(note for note in notes if note)
+            cells.append(f"{figures} ({notes})" if figures and notes else figures or "-")
         at_longest = group[group["InputSeqLen(Encoding)"] == longest].set_index("engine")[TTFT]
         cells.append(" / ".join(f"{at_longest[e]:.0f}" if e in at_longest else "-" for e in names))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\nnext-token ms at input lengths {' / '.join(map(str, lengths))}"
+
+
+def bandwidths(rows: pd.DataFrame) -> str:
+    """The read bandwidth sampled beside each case ('34 / 51 GB/s'), where the run recorded it (perf
+    runs before 2026-12-06 did for ours alone)."""
+    column = "memory_bandwidth_GBps"
+    if column not in rows or rows[column].isna().any():
+        return ""
+    return " / ".join(f"{v:.0f}" for v in rows[column]) + " GB/s"
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:

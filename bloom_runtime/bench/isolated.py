@@ -73,7 +73,7 @@ def _child() -> None:
 
     from ..errors import BloomRuntimeError
     from .cases import Case
-    from .harness import measure, prompt_ids
+    from .harness import BandwidthBeside, measure, prompt_ids
     from .peers import make_peer
 
     spec = json.loads(sys.stdin.read())
@@ -89,13 +89,15 @@ def _child() -> None:
         print(f"{spec['name']}: {err}", file=sys.stderr)
         sys.exit(2)
     say({"describe": getattr(runner, "describe", runner.name)})
+    device = torch.device(spec["device"])
+    beside = BandwidthBeside(device)
     for raw in spec["cases"]:
         case = Case(**raw)
         if case.batch > getattr(runner, "max_batch", case.batch):  # said in the description
             say({"skipped": case.key})
             continue
         ids = prompt_ids(case, spec["vocab_size"], spec["seed"])
-        say({"row": measure(runner, case, ids, spec["warmup"], spec["repeat"], torch.device(spec["device"]))})
+        say({"row": beside.stamp(measure(runner, case, ids, spec["warmup"], spec["repeat"], device))})
 
 
 if __name__ == "__main__":
