@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .config import BloomConfig
 from .kernels import Decision, KernelOwner, Problem, native
@@ -69,6 +70,12 @@ def attention_bias(
     return bias[None].masked_fill(~allowed, torch.finfo(dtype).min).to(dtype)
 
 
+def _hooked(modules: tuple[nn.Module, ...]) -> bool:
+    """Whether a forward hook or pre-hook would run on any of `modules` (their own, or global ones)."""
+    return bool(_global_forward_hooks or _global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
 class LayerNorm(nn.LayerNorm):
     """`nn.LayerNorm` calling the op itself: its `F.layer_norm` path checks for torch functions and
     reads `torch.backends.cudnn.enabled`, 3 us of a 5.7 us call on one bfloat16 row, 49 times a step."""
@@ -99,6 +106,9 @@ class Linear(KernelOwner, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) if self.decision is None else self.run_rows(x)
+
+    def forwards_rows_as_is(self) -> bool:
+        return True
 
 
 def dense_problem(weight: torch.Tensor, copies: bool) -> Problem | None:
@@ -217,12 +227,43 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, segments: list[Segment], biases: list[torch.Tensor], layer: int
                 ) -> torch.Tensor:
+        if len(segments) == 1:
+            fused = self.decode_in_one_call(x, segments[0], biases[0], layer)
+            if fused is not None:
+                return fused
         normed = self.input_layernorm(x)
         residual = normed if self.residual_after_norm else x
         x = residual + self.self_attention(normed, segments, biases, layer)
         normed = self.post_attention_layernorm(x)
         residual = normed if self.residual_after_norm else x
         return residual + self.mlp(normed)
+
+    def decode_in_one_call(self, x: torch.Tensor, segment: Segment, bias: torch.Tensor, layer: int
+                           ) -> torch.Tensor | None:
+        """This block on decode rows as the native library's `decode_layer` runs it: the ops `forward`
+        calls, in its order, from one C++ call instead of ten module calls, so the result is the same bit
+        for bit. None where that would not be `forward`'s computation: more than one query a row, no
+        native cache, a linear that does more than its native kernel's call (`layer_operands`), or a hook
+        on any module inside (calibration, tensor parallelism's all-reduce)."""
+        cache = segment.cache
+        if segment.input_ids.shape[1] != 1 or cache is None or not cache.attends:
+            return None
+        modules = self._modules
+        attention, mlp = modules["self_attention"]._modules, modules["mlp"]._modules
+        norms = (modules["input_layernorm"], modules["post_attention_layernorm"])
+        linears = (attention["query_key_value"], attention["dense"], mlp["dense_h_to_4h"],
+                   mlp["dense_4h_to_h"])
+        if _hooked((*norms, *linears, modules["self_attention"], modules["mlp"])):
+            return None
+        products = [linear.layer_operands(x.shape[0]) if isinstance(linear, KernelOwner) else None
+                    for linear in linears]
+        if None in products:
+            return None
+        return torch.ops.bloom_native.decode_layer.default(
+            x.contiguous(), [t for norm in norms for t in (norm.weight, norm.bias)], norms[0].eps,
+            self.residual_after_norm, [p[0] for p in products], [t for p in products for t in p[1]],
+            [n for p in products for n in p[2]], cache.keys, cache.values, layer, cache.rows.start,
+            cache.offset, cache.offset + segment.start, bias, native.widest_variant())
 
     def smoothable(self) -> list[tuple[nn.LayerNorm, nn.Module]]:
         """Each LayerNorm with the one projection its output feeds, where SmoothQuant can fold

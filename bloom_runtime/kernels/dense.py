@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .native import NativeKernel, variants_of
+from .native import LayerOperands, NativeKernel, slots, variants_of
 from .outer import OuterBlocked
 from .selection import Kernel, Problem, Role, activations, register
 
@@ -79,6 +79,9 @@ class Native(NativeKernel):
         op, weight, bias, index = torch.ops.bloom_native.dense16.default, owner.weight, owner.bias, self.index
         return lambda x: op(x.contiguous(), weight, bias, index)
 
+    def layer_operands(self, owner) -> LayerOperands:
+        return slots("dense16", [owner.weight, owner.bias], [self.index])
+
 
 class NativeTiled(OuterBlocked, NativeKernel):
     """bfloat16 outer products: 16 output columns a vector, each activation pair broadcast, no
@@ -92,6 +95,9 @@ class NativeTiled(OuterBlocked, NativeKernel):
         op, blocks, outputs, bias, index = (torch.ops.bloom_native.dense16_tiled.default, self.blocks,
                                             self.outputs, owner.bias, self.index)
         return lambda x: op(x.contiguous(), blocks, outputs, bias, index)
+
+    def layer_operands(self, owner) -> LayerOperands:
+        return slots("dense16_tiled", [self.blocks, owner.bias], [self.outputs, self.index])
 
 
 @register

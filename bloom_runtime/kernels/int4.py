@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .int8 import Int8ActivationRole, Int8Input
-from .native import NativeKernel, variants_of
+from .native import LayerOperands, NativeKernel, slots, variants_of
 from .selection import Kernel, Problem, Role, activations, register
 
 INT4PACK_GROUPS = (32, 64, 128, 256)
@@ -155,6 +155,12 @@ class NativeW4A8(NativeKernel, Int8Input):
         op, index = getattr(torch.ops.bloom_native, self.op).default, self.index
         operands = self.operands(owner)
         return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *operands, out_dtype, index)
+
+    def layer_operands(self, owner) -> LayerOperands:
+        """`operands`, the tensors and the ints each in their order, as the op reads them."""
+        operands = self.operands(owner)
+        return slots(self.op, [o for o in operands if not isinstance(o, int)],
+                     [*(o for o in operands if isinstance(o, int)), self.index])
 
 
 class NativeW4A8Tiled(NativeW4A8):

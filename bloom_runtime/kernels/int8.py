@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .native import NativeKernel, variants_of, widest_variant
+from .native import LayerOperands, NativeKernel, slots, variants_of, widest_variant
 from .outer import OuterBlocked
 from .selection import Kernel, Problem, Role, activations, register
 
@@ -283,6 +283,10 @@ class NativeW8A8(NativeKernel, _Int8Gemm):
         tensors = (owner.weight, self.weight_scale, self.bias, self.weight_sums, self.zero_point)
         return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
 
+    def layer_operands(self, owner) -> LayerOperands:
+        return slots("w8a8", [owner.weight, self.weight_scale, self.bias, self.weight_sums],
+                     [self.zero_point, self.index])
+
 
 class NativeW8A8Tiled(OuterBlocked, NativeW8A8):
     """The same sums as outer products: 16 output columns a vector, each activation quad (q + 128)
@@ -292,6 +296,10 @@ class NativeW8A8Tiled(OuterBlocked, NativeW8A8):
         op, index = torch.ops.bloom_native.w8a8_tiled.default, self.index
         tensors = (self.blocks, self.outputs, self.weight_scale, self.bias, self.weight_sums, self.zero_point)
         return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
+
+    def layer_operands(self, owner) -> LayerOperands:
+        return slots("w8a8_tiled", [self.blocks, self.weight_scale, self.bias, self.weight_sums],
+                     [self.outputs, self.zero_point, self.index])
 
 
 class Int8ActivationRole(Role):

@@ -170,6 +170,15 @@ class NativeKernel(Kernel):
         return self.bind(owner)(*inputs)
 
 
+LayerOperands = tuple[str, list[torch.Tensor | None], list[int]]
+
+
+def slots(op: str, tensors: list[torch.Tensor | None], ints: list[int]) -> LayerOperands:
+    """`op`'s operands after the rows, in its order, as `decode_layer` takes them: four tensor slots and
+    three int slots a product (unused ones None and 0)."""
+    return op, [*tensors, *[None] * (4 - len(tensors))], [*ints, *[0] * (3 - len(ints))]
+
+
 def variants_of(base: type[NativeKernel], *names: str, form: str = "") -> tuple[type[NativeKernel], ...]:
     """One candidate class per variant of `base`, named "native-<variant>" ("native-<form>-<variant>"
     for a second form of a role's native kernel)."""

@@ -42,6 +42,7 @@ class KernelOwner(nn.Module):
                 delattr(self, name)
         self.kernels, self.decision = nn.ModuleDict(built), decision
         self._by_rows: dict[int, Callable] = {}
+        self._operands: dict[int, tuple | None] = {}
 
     def release_kernels(self) -> None:
         """Drop the kernels and give back, as parameters, the tensors they took."""
@@ -72,9 +73,25 @@ class KernelOwner(nn.Module):
             call = self._by_rows[rows] = self.kernels[self.decision.name_for(rows)].bind(self)
         return call(*inputs)
 
+    def layer_operands(self, rows: int) -> tuple | None:
+        """The kernel serving `rows` as a product of the native fused decode layer (selection.Kernel's
+        `layer_operands`), where this module's `forward` on [rows, K] is that kernel's call and nothing
+        more (`forwards_rows_as_is`); None otherwise (then the module runs itself)."""
+        if self.decision is None or not self.forwards_rows_as_is():
+            return None
+        if rows not in self._operands:
+            self._operands[rows] = self.kernels[self.decision.name_for(rows)].layer_operands(self)
+        return self._operands[rows]
+
+    def forwards_rows_as_is(self) -> bool:
+        """Whether `forward` on rows [M, K] calls the serving kernel on them and does nothing else: the
+        rows given as they are (an int8 role's left to the kernel to quantize per token) and its output,
+        in their dtype, returned. A static scale, a padding or an all-reduce's reduction is more."""
+        return False
+
     def _apply(self, fn, recurse: bool = True):
         """Moving or converting the module's tensors drops the calls bound to the old ones."""
-        self._by_rows = {}
+        self._by_rows, self._operands = {}, {}
         return super()._apply(fn, recurse)
 
     def run_rows(self, x: torch.Tensor) -> torch.Tensor:

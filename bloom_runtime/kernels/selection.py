@@ -129,6 +129,11 @@ class Kernel(nn.Module):
     def restore(self, name: str) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} drops no tensor {name}")
 
+    def layer_operands(self, owner: Any) -> tuple[str, list, list[int]] | None:
+        """This kernel as one product of the native fused decode layer (`decode_layer`): its op's name and
+        the op's operands after the rows (native.slots); None where it is not a native op."""
+        return None
+
 
 class Role:
     """A matmul role: its candidates, and how to make a probe's inputs and exact answer."""

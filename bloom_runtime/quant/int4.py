@@ -222,6 +222,9 @@ class Int4Int8Linear(Int8Activations, Int4WeightOnlyLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)  # the kernel added the bias
 
+    def forwards_rows_as_is(self) -> bool:
+        return self.reduce_absmax is None and self.in_features % self.GROUP == 0  # not padded
+
 
 class Int4Int8TiedEmbedding(Int8Activations, Int4TiedEmbedding):
     """W4A16's int4 head with the final hidden state quantized per token, as W8A8's head does."""

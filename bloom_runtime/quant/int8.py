@@ -117,6 +117,9 @@ class Int8Linear(_Int8Weights):
             return per_token(flat)
         return quantize_per_token(flat, self.reduce_absmax)
 
+    def forwards_rows_as_is(self) -> bool:
+        return self.reduce_absmax is None  # per_token: the rows go to the kernel as they are
+
     @property
     def zero_point(self) -> int:
         """The activations' integer zero point, which the kernel subtracts (0: symmetric)."""
@@ -143,6 +146,9 @@ class Int8StaticLinear(Int8Linear):
 
     def _quantize_input(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.round(flat.float() / self.input_scale).clamp(-128, 127).to(torch.int8), self.input_scale
+
+    def forwards_rows_as_is(self) -> bool:
+        return False  # quantized here with the calibrated scale
 
 
 class Int8StaticAsymLinear(Int8StaticLinear):
