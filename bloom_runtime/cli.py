@@ -282,8 +282,10 @@ def cmd_perf_serve(args: argparse.Namespace) -> None:
     import math
 
     import httpx
+    import torch
 
     from .bench.peers import shared_checkpoint
+    from .bench.roofline import BandwidthBeside
     from .bench.servers import Running, Setting, servable, started
     from .bench.serving import Load, measure, verdicts
 
@@ -316,9 +318,10 @@ def cmd_perf_serve(args: argparse.Namespace) -> None:
         servers = {name: functools.partial(started, name, setting) for name in ["ours", *args.compare]}
     load = Load(rates, args.num_prompts, args.input_len, args.output_len, args.max_concurrency, vocab,
                 args.seed, args.random_range_ratio)
-    rows = measure(servers, load, output, meta)
+    beside = None if args.url else BandwidthBeside(torch.device("cpu"))  # the servers started here
+    rows = measure(servers, load, output, meta, beside)
     columns = ["server", "load", "completed", "failed", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
-               "median_tpot_ms", "p99_tpot_ms", "p99_itl_ms"]
+               "median_tpot_ms", "p99_tpot_ms", "p99_itl_ms", "memory_bandwidth_GBps"]
     import pandas as pd
 
     print(pd.DataFrame(rows).reindex(columns=columns).to_string(index=False, float_format="%.1f"))

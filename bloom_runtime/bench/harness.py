@@ -78,7 +78,7 @@ def run(opts: PerfOptions, progress: bool = True) -> tuple[list[dict], dict, boo
                 _export(rows, meta, opts.output)
         bar.update()
 
-    runner, beside = OursRunner(engine), BandwidthBeside(engine.device)
+    runner, beside = OursRunner(engine), roofline.BandwidthBeside(engine.device)
     for case in opts.cases:
         bar.set_postfix_str(f"{runner.name} {case.key}")
         record(beside.stamp(measure(runner, case, prompt_ids(case, engine.config.vocab_size, opts.seed),
@@ -106,24 +106,6 @@ def prompt_ids(case: Case, vocab_size: int, seed: int) -> torch.Tensor:
     special tokens)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(4, vocab_size, (case.batch, case.seq_in), generator=generator)
-
-
-class BandwidthBeside:
-    """The read bandwidth beside each case, the higher of the samples just before and just after it (a VM's
-    moves by 2x within minutes): the bandwidth limit a case is held to is the one it ran under, and a
-    peer's cases carry theirs too, so that two engines' times can be read at the bandwidth each had. A
-    sample between two cases serves both."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.before = roofline.memory_bandwidth(device)
-
-    def stamp(self, row: dict) -> dict:
-        """`row`, measured since the last sample, with `memory_bandwidth_GBps`."""
-        after = roofline.memory_bandwidth(self.device)
-        stamped = {**row, "memory_bandwidth_GBps": max(self.before, after) / 1e9}
-        self.before = after
-        return stamped
 
 
 def measure(runner, case: Case, ids: torch.Tensor, warmup: int, repeat: int, device: torch.device) -> dict:

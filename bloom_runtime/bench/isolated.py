@@ -73,8 +73,9 @@ def _child() -> None:
 
     from ..errors import BloomRuntimeError
     from .cases import Case
-    from .harness import BandwidthBeside, measure, prompt_ids
+    from .harness import measure, prompt_ids
     from .peers import make_peer
+    from .roofline import BandwidthBeside
 
     spec = json.loads(sys.stdin.read())
     torch.set_num_threads(spec["threads"])

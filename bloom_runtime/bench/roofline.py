@@ -40,6 +40,24 @@ def memory_bandwidth(device: torch.device, megabytes: int = 512) -> float:
     return x.numel() * 4 / seconds
 
 
+class BandwidthBeside:
+    """The read bandwidth beside each measurement (a perf case, a serving load), the higher of the samples
+    just before and just after it (a VM's moves by 2x within minutes): the bandwidth limit a case is held
+    to is the one it ran under, and every engine's and server's rows carry theirs, so that two engines'
+    times can be read at the bandwidth each had. A sample between two measurements serves both."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.before = memory_bandwidth(device)
+
+    def stamp(self, row: dict) -> dict:
+        """`row`, measured since the last sample, with `memory_bandwidth_GBps`."""
+        after = memory_bandwidth(self.device)
+        stamped = {**row, "memory_bandwidth_GBps": max(self.before, after) / 1e9}
+        self.before = after
+        return stamped
+
+
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
     """Dense matmul FLOP/s in `dtype` (int8: torch._int_mm) on an n x n x n product."""
     if dtype == torch.int8:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .. import files
 from ..files import replace_atomically
 from ..plotting import pyplot
+from .roofline import BandwidthBeside
 from .serve_load import Job, random_jobs, run_load
 from .servers import Running
 
@@ -39,9 +40,10 @@ class Load:
 
 
 def measure(servers: dict[str, Callable[[], AbstractContextManager[Running]]], load: Load, output: Path,
-            meta: dict) -> list[dict]:
+            meta: dict, beside: BandwidthBeside | None = None) -> list[dict]:
     """Every server (by name: what starts it) under `load`; rows written to `output` (.csv, .json,
-    .png) as they are measured."""
+    .png) as they are measured, each with the read bandwidth sampled beside it where `beside` samples
+    (servers started on this machine)."""
     jobs = random_jobs(load.num_prompts, load.input_len, load.output_len, load.vocab_size, load.seed,
                        load.range_ratio)
     rows: list[dict] = []
@@ -55,7 +57,8 @@ def measure(servers: dict[str, Callable[[], AbstractContextManager[Running]]], l
                 runs += [(f"{rate:g}", jobs, rate, load.max_concurrency) for rate in load.rates]
                 for label, chosen, rate, concurrency in runs:
                     result = run_load(server.url, server.model, chosen, rate, concurrency, load.seed)
-                    rows.append({"server": name, "load": label, **result})
+                    row = {"server": name, "load": label, **result}
+                    rows.append(row if beside is None else beside.stamp(row))
                     steps.update()
                     export(rows, meta, output)
         except Exception as err:  # a peer that will not start or crashes is reported, not fatal
