@@ -11,13 +11,12 @@ head's lookups their rows back; and float32 arithmetic on the 16-bit weight (con
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from .native import LayerOperands, NativeKernel, slots, variants_of
+from .native import NativeProduct, variants_of
 from .outer import OuterBlocked
 from .selection import Kernel, Problem, Role, activations, register
 
@@ -65,9 +64,11 @@ class OneDnnPacked(Kernel):
         return self.packed.to_dense()
 
 
-class Native(NativeKernel):
+class Native(NativeProduct):
     """bfloat16 weights widened to float32 (or paired in vdpbf16ps: avx512-bf16), float16 ones by
     F16C; float32 sums, the bias added once, rounded once to the activations' dtype."""
+
+    op = "dense16"
 
     @classmethod
     def unsupported(cls, problem: Problem) -> str | None:
@@ -75,29 +76,22 @@ class Native(NativeKernel):
             return "float16 runs in the avx2 and avx512 variants"  # none, or the same code again
         return super().unsupported(problem)
 
-    def bind(self, owner) -> Callable[..., torch.Tensor]:
-        op, weight, bias, index = torch.ops.bloom_native.dense16.default, owner.weight, owner.bias, self.index
-        return lambda x: op(x.contiguous(), weight, bias, index)
-
-    def layer_operands(self, owner) -> LayerOperands:
-        return slots("dense16", [owner.weight, owner.bias], [self.index])
+    def operands(self, owner) -> tuple:
+        return owner.weight, owner.bias
 
 
-class NativeTiled(OuterBlocked, NativeKernel):
+class NativeTiled(OuterBlocked, Native):
     """bfloat16 outer products: 16 output columns a vector, each activation pair broadcast, no
     horizontal sums (variant.h's `outer`), on the weight's blocks (outer.py)."""
+
+    op = "dense16_tiled"
 
     @classmethod
     def unsupported(cls, problem: Problem) -> str | None:
         return "bfloat16 only" if problem.dtype != "bfloat16" else super().unsupported(problem)
 
-    def bind(self, owner) -> Callable[..., torch.Tensor]:
-        op, blocks, outputs, bias, index = (torch.ops.bloom_native.dense16_tiled.default, self.blocks,
-                                            self.outputs, owner.bias, self.index)
-        return lambda x: op(x.contiguous(), blocks, outputs, bias, index)
-
-    def layer_operands(self, owner) -> LayerOperands:
-        return slots("dense16_tiled", [self.blocks, owner.bias], [self.outputs, self.index])
+    def operands(self, owner) -> tuple:
+        return self.blocks, self.outputs, owner.bias
 
 
 @register

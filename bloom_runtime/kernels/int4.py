@@ -21,13 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import SimpleNamespace
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from .int8 import Int8ActivationRole, Int8Input
-from .native import LayerOperands, NativeKernel, slots, variants_of
+from .native import NativeKernel, NativeProduct, variants_of
 from .selection import Kernel, Problem, Role, activations, register
 
 INT4PACK_GROUPS = (32, 64, 128, 256)
@@ -128,7 +127,7 @@ def _int4_owner(problem: Problem, generator: torch.Generator) -> SimpleNamespace
     return SimpleNamespace(int4_values=lambda: q, weight_packed=packed, weight_scale=scale, GROUP=group)
 
 
-class NativeW4A8(NativeKernel, Int8Input):
+class NativeW4A8(NativeProduct, Int8Input):
     """Unsigned nibbles x int8 activations, exact int32 sums a step, the group's scale per step;
     the token's scale and the bias in the epilogue; float rows quantized per token inside the same
     call."""
@@ -144,23 +143,11 @@ class NativeW4A8(NativeKernel, Int8Input):
     def tolerance(cls, problem: Problem) -> float:
         return 1e-6  # exact sums a step; float32 across steps
 
-    op: ClassVar[str] = "w4a8"  # the library's op for this form
+    op, scaled = "w4a8", True
 
     def operands(self, owner) -> tuple:
-        """What the op takes between x_scale and out_dtype: the packed words, their scales, the group
-        and the owner's bias."""
+        """The packed words, their scales, the group and the owner's bias."""
         return owner.weight_packed, owner.weight_scale, owner.GROUP, owner.bias
-
-    def bind(self, owner) -> Callable[..., torch.Tensor]:
-        op, index = getattr(torch.ops.bloom_native, self.op).default, self.index
-        operands = self.operands(owner)
-        return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *operands, out_dtype, index)
-
-    def layer_operands(self, owner) -> LayerOperands:
-        """`operands`, the tensors and the ints each in their order, as the op reads them."""
-        operands = self.operands(owner)
-        return slots(self.op, [o for o in operands if not isinstance(o, int)],
-                     [*(o for o in operands if isinstance(o, int)), self.index])
 
 
 class NativeW4A8Tiled(NativeW4A8):

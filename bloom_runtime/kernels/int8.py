@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .native import LayerOperands, NativeKernel, slots, variants_of, widest_variant
+from .native import NativeKernel, NativeProduct, variants_of, widest_variant
 from .outer import OuterBlocked
 from .selection import Kernel, Problem, Role, activations, register
 
@@ -270,36 +270,28 @@ class OneDnnSplit(_OneDnn):
         return self.epilogue(acc, x_scale, out_dtype)
 
 
-class NativeW8A8(NativeKernel, _Int8Gemm):
+class NativeW8A8(NativeProduct, _Int8Gemm):
     """Exact int32 sums on the plain weight; zero point, scales and bias in one epilogue; float rows
     quantized per token inside the same call."""
+
+    op, scaled = "w8a8", True
 
     def __init__(self, owner) -> None:
         super().__init__(owner)
         self.register_buffer("weight_sums", owner.weight.sum(dim=1, dtype=torch.int32), persistent=False)
 
-    def bind(self, owner) -> Callable[..., torch.Tensor]:
-        op, index = torch.ops.bloom_native.w8a8.default, self.index
-        tensors = (owner.weight, self.weight_scale, self.bias, self.weight_sums, self.zero_point)
-        return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
-
-    def layer_operands(self, owner) -> LayerOperands:
-        return slots("w8a8", [owner.weight, self.weight_scale, self.bias, self.weight_sums],
-                     [self.zero_point, self.index])
+    def operands(self, owner) -> tuple:
+        return owner.weight, self.weight_scale, self.bias, self.weight_sums, self.zero_point
 
 
 class NativeW8A8Tiled(OuterBlocked, NativeW8A8):
     """The same sums as outer products: 16 output columns a vector, each activation quad (q + 128)
     broadcast, no horizontal sums (variant.h's `outer`), on the int8 weight's blocks (outer.py)."""
 
-    def bind(self, owner) -> Callable[..., torch.Tensor]:
-        op, index = torch.ops.bloom_native.w8a8_tiled.default, self.index
-        tensors = (self.blocks, self.outputs, self.weight_scale, self.bias, self.weight_sums, self.zero_point)
-        return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *tensors, out_dtype, index)
+    op = "w8a8_tiled"
 
-    def layer_operands(self, owner) -> LayerOperands:
-        return slots("w8a8_tiled", [self.blocks, self.weight_scale, self.bias, self.weight_sums],
-                     [self.outputs, self.zero_point, self.index])
+    def operands(self, owner) -> tuple:
+        return self.blocks, self.outputs, self.weight_scale, self.bias, self.weight_sums, self.zero_point
 
 
 class Int8ActivationRole(Role):

@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -171,6 +172,33 @@ class NativeKernel(Kernel):
 
 
 LayerOperands = tuple[str, list[torch.Tensor | None], list[int]]
+
+
+class NativeProduct(NativeKernel):
+    """A native matrix product, one that `decode_layer` can hold too: the library's `op`, called on the
+    rows, then `operands` (what it reads besides them, bound once), then the variant; an op taking int8
+    activations (`scaled`) has the rows' scale after them and the output dtype before the variant."""
+
+    op: ClassVar[str]
+    scaled: ClassVar[bool] = False
+
+    def operands(self, owner: Any) -> tuple:
+        """What the op takes after the rows (and their scale), before the output dtype and the variant."""
+        raise NotImplementedError
+
+    def bind(self, owner: Any) -> Callable[..., torch.Tensor]:
+        op, index = getattr(torch.ops.bloom_native, self.op).default, self.index
+        operands = self.operands(owner)
+        if self.scaled:
+            return lambda q, x_scale, out_dtype: op(q.contiguous(), x_scale, *operands, out_dtype, index)
+        return lambda x: op(x.contiguous(), *operands, index)
+
+    def layer_operands(self, owner: Any) -> LayerOperands:
+        """`operands` and the variant as `decode_layer` takes them: the tensors and the ints, each in the
+        op's order (`slots`)."""
+        operands = self.operands(owner)
+        return slots(self.op, [o for o in operands if not isinstance(o, int)],
+                     [*(o for o in operands if isinstance(o, int)), self.index])
 
 
 def slots(op: str, tensors: list[torch.Tensor | None], ints: list[int]) -> LayerOperands:
